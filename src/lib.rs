@@ -1,0 +1,25 @@
+//! pxed: a PXE boot server in one binary (DHCPv4, proxyDHCP, TFTP, HTTP).
+//!
+//! # Layout
+//!
+//! Dependencies point one way: wire -> engine -> policy -> server.
+//!
+//! - [`mac`], [`stage`]: the basic vocabulary. [`stage::BootStage`] is the single list of boot
+//!   stages shared by events, API, dashboard, metrics and the lab.
+//! - [`events`]: the [`events::BootEvent`] stream every component publishes to.
+//! - [`config`]: the TOML file, rejecting unknown keys, checked with line and column.
+//! - [`policy`]: profiles, groups and machines -> a [`policy::BootPlan`]. A pure function.
+//! - [`dhcp`]: hardened wire layer and PXE option codecs, the sans-IO engine (proxy and full),
+//!   the socket driver.
+//! - [`tftp`]: sans-IO TFTP engine and its server.
+//! - [`http`]: boot assets, iPXE scripts, phone-home, API, dashboard, metrics.
+//! - [`server`]: wires the pieces together on one tokio runtime.
+
+pub mod config;
+pub mod dhcp;
+pub mod events;
+pub mod http;
+pub mod mac;
+pub mod policy;
+pub mod stage;
+pub mod tftp;
