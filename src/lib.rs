@@ -13,13 +13,18 @@
 //!   the socket driver.
 //! - [`tftp`]: sans-IO TFTP engine and its server.
 //! - [`http`]: boot assets, iPXE scripts, phone-home, API, dashboard, metrics.
+//! - [`leases`]: durable lease store (ACK only after the lease is on disk).
+//! - [`net`]: OS networking (interface binding, interface addresses, ARP entries).
 //! - [`server`]: wires the pieces together on one tokio runtime.
 
 pub mod config;
 pub mod dhcp;
 pub mod events;
 pub mod http;
+pub mod leases;
 pub mod mac;
+pub mod net;
 pub mod policy;
+pub mod server;
 pub mod stage;
 pub mod tftp;

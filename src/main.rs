@@ -1,1 +1,168 @@
-fn main() {}
+//! The `pxed` command line.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use pxed::config::Config;
+use pxed::dhcp::DhcpMode;
+use pxed::server::{self, ServeOptions};
+
+/// pxed: a PXE boot server (DHCP or proxyDHCP, TFTP and HTTP) in one binary.
+///
+/// Quick start, beside your existing DHCP server (proxy mode):
+///
+///     pxed serve --interface eth0 --root /srv/netboot
+///
+/// pxed then answers only machines that network-boot, hands BIOS firmware undionly.kpxe and
+/// UEFI firmware snponly.efi (copied from Debian's `ipxe` package into the root if missing),
+/// and hands iPXE a script from its HTTP server. Put the boot policy in a config file for
+/// more: `pxed serve --config pxed.toml`; check it first with `pxed check pxed.toml`.
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Config file (TOML). Without one, pxed runs proxy mode with a default profile.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Interface to serve (overrides the config).
+        #[arg(long, short)]
+        interface: Option<String>,
+        /// Boot root: the directory TFTP and HTTP serve (overrides the config).
+        #[arg(long, short)]
+        root: Option<PathBuf>,
+        /// DHCP mode (overrides the config).
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        /// Server address (default: the interface's first IPv4 address).
+        #[arg(long)]
+        address: Option<Ipv4Addr>,
+        /// Append every boot event as a JSON line to this file.
+        #[arg(long)]
+        event_log: Option<PathBuf>,
+    },
+    /// Check a config file and report every problem with its location.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// List leases from the state directory.
+    Leases {
+        /// Config file (for its state directory).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// State directory (overrides the config).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Proxy,
+    Full,
+    Off,
+}
+
+impl From<ModeArg> for DhcpMode {
+    fn from(m: ModeArg) -> DhcpMode {
+        match m {
+            ModeArg::Proxy => DhcpMode::Proxy,
+            ModeArg::Full => DhcpMode::Full,
+            ModeArg::Off => DhcpMode::Off,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PXED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Check { file } => match Config::load(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} mode, {} profiles, {} groups, {} machines)",
+                    file.display(),
+                    format!("{:?}", cfg.dhcp.mode).to_lowercase(),
+                    cfg.policy.profile_count(),
+                    cfg.policy.group_count(),
+                    cfg.policy.machine_count(),
+                );
+                Ok(())
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                return ExitCode::from(2);
+            }
+        },
+        Command::Serve {
+            config,
+            interface,
+            root,
+            mode,
+            address,
+            event_log,
+        } => {
+            let opts = ServeOptions {
+                config,
+                interface,
+                root,
+                mode: mode.map(Into::into),
+                address,
+                event_log,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(server::serve(opts)))
+        }
+        Command::Leases {
+            config,
+            state_dir,
+            json,
+        } => server::print_leases(config.as_deref(), state_dir.as_deref(), json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("pxed: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

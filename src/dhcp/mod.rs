@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod engine;
+pub mod pool;
+pub mod reply_table;
+pub mod server;
+
 /// How pxed takes part in DHCP on its network.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -205,6 +205,21 @@ impl Policy {
         self.machines.iter().find(|m| m.mac == *mac)
     }
 
+    /// How many profiles are defined.
+    pub fn profile_count(&self) -> usize {
+        self.profiles.len()
+    }
+
+    /// How many groups are defined.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// How many machines are listed.
+    pub fn machine_count(&self) -> usize {
+        self.machines.len()
+    }
+
     /// The iPXE binaries this policy hands to non-iPXE clients.
     pub fn ipxe_binaries(&self) -> &IpxeBinaries {
         &self.ipxe

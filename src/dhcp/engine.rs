@@ -1,0 +1,614 @@
+//! The DHCP engine: decides the answer to one packet. Sans-IO: the input is the packet bytes,
+//! where they came from and the time; the output is the reply with its destination, the boot
+//! events, and in full mode the lease to make durable *before* the reply is sent.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+use super::pool::{Lease, NakReason, Pool};
+use super::pxe_options::{IpxeOptions, PxeVendorOptions, client_facts};
+use super::reply_table::{ClientClass, ReplyShape, reply_shape};
+use super::wire::{DhcpPacket, MessageType, Op};
+use super::{DhcpConfig, DhcpMode};
+use crate::events::BootEvent;
+use crate::mac::MacAddr;
+use crate::policy::{self, ClientFacts, DhcpBoot, Policy, ServerAddrs};
+use crate::stage::BootStage;
+
+/// The DHCP server port (RFC 2131 4.1).
+pub const SERVER_PORT: u16 = 67;
+/// The DHCP client port (RFC 2131 4.1).
+pub const CLIENT_PORT: u16 = 68;
+/// The PXE boot server discovery port (PXE 2.1 spec, section 2.2.5).
+pub const PXE_PORT: u16 = 4011;
+/// The longest boot file name the BOOTP `file` field holds with its NUL (RFC 951).
+const FILE_FIELD_MAX: usize = 127;
+
+/// Which socket a packet arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// Port 67: DHCP, broadcast or relayed.
+    Dhcp,
+    /// Port 4011: PXE boot server requests, unicast.
+    BootServer,
+}
+
+/// One received packet with its context.
+#[derive(Clone, Copy, Debug)]
+pub struct Received<'a> {
+    /// UDP payload.
+    pub payload: &'a [u8],
+    /// Source address and port.
+    pub src: SocketAddrV4,
+    /// Which port it came to.
+    pub port: Port,
+    /// pxed's address on the interface it came in on; replies and URLs use it.
+    pub server_ip: Ipv4Addr,
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub now_ms: u64,
+}
+
+/// Where a reply goes (RFC 2131 section 4.1, "the server ... sends").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// 255.255.255.255:68 on the receiving interface.
+    Broadcast,
+    /// A unicast IP and port the sender can already receive on (relay, ciaddr, 4011 source).
+    Unicast(SocketAddrV4),
+    /// Unicast to an address the client does not have yet: needs the hardware address (an
+    /// ARP entry or a raw frame); the driver falls back to broadcast if it cannot.
+    UnicastToHardware {
+        /// Where.
+        addr: SocketAddrV4,
+        /// The client's hardware address.
+        mac: MacAddr,
+    },
+}
+
+/// A reply to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// Where.
+    pub dest: Destination,
+    /// The decoded reply (for tests and logs).
+    pub packet: DhcpPacket,
+    /// The encoded UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// A change to the lease database that must be durable before `reply` leaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseChange {
+    /// A lease was granted or renewed.
+    Commit(Lease),
+    /// A lease ended (release, decline).
+    Remove(Lease),
+}
+
+/// Everything the engine decided about one packet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The reply, if any.
+    pub reply: Option<Reply>,
+    /// Boot events, in order.
+    pub events: Vec<BootEvent>,
+    /// A lease change to persist first.
+    pub lease: Option<LeaseChange>,
+}
+
+/// The DHCP decision maker for one server.
+#[derive(Debug)]
+pub struct DhcpEngine {
+    config: DhcpConfig,
+    policy: Arc<Policy>,
+    http_port: u16,
+    pool: Pool,
+}
+
+struct Ctx<'a> {
+    rx: &'a Received<'a>,
+    req: DhcpPacket,
+    mac: MacAddr,
+    facts: ClientFacts,
+    events: Vec<BootEvent>,
+}
+
+impl Ctx<'_> {
+    fn event(&mut self, stage: BootStage, detail: impl Into<String>) {
+        self.events.push(BootEvent {
+            mac: self.mac,
+            stage,
+            detail: detail.into(),
+            at_ms: self.rx.now_ms,
+        });
+    }
+
+    fn ignore(mut self, why: impl Into<String>) -> Outcome {
+        self.event(BootStage::DhcpIgnore, why);
+        Outcome {
+            events: self.events,
+            ..Default::default()
+        }
+    }
+}
+
+impl DhcpEngine {
+    /// An engine with the leases loaded from the store.
+    pub fn new(
+        config: DhcpConfig,
+        policy: Arc<Policy>,
+        http_port: u16,
+        leases: Vec<Lease>,
+    ) -> DhcpEngine {
+        let pool = Pool::new(config.subnet.clone(), leases);
+        DhcpEngine {
+            config,
+            policy,
+            http_port,
+            pool,
+        }
+    }
+
+    /// Swap in a new policy (config reload) without touching leases.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+    }
+
+    /// The pool, for listing leases and the TFTP/HTTP MAC lookups.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Record a lease change once the store has made it durable.
+    pub fn apply(&mut self, change: &LeaseChange) {
+        if let LeaseChange::Commit(lease) = change {
+            self.pool.apply(lease.clone());
+        }
+    }
+
+    /// Decide the answer to one packet. Never panics; every packet that is not answered gets
+    /// an event saying why (or a log line, when it is too broken to name a client).
+    pub fn handle(&mut self, rx: &Received<'_>) -> Outcome {
+        let req = match DhcpPacket::decode(rx.payload) {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::debug!(src = %rx.src, %err, "dropped malformed DHCP packet");
+                return Outcome::default();
+            }
+        };
+        if req.op != Op::Request {
+            return Outcome::default();
+        }
+        let Some(mac) = req.mac() else {
+            tracing::debug!(src = %rx.src, htype = req.htype, hlen = req.hlen, "dropped: not Ethernet");
+            return Outcome::default();
+        };
+        let (facts, warnings) = client_facts(&req);
+        let mut ctx = Ctx {
+            rx,
+            req,
+            mac,
+            facts,
+            events: Vec::new(),
+        };
+        for w in warnings {
+            ctx.event(BootStage::DhcpIgnore, format!("warning: {w}"));
+        }
+        let Some(kind) = ctx.req.message_type() else {
+            return ctx.ignore("no DHCP message type (BOOTP is not served)");
+        };
+        if ctx.facts.is_ipxe && matches!(kind, MessageType::Discover) {
+            ctx.event(BootStage::IpxeDhcp, ipxe_detail(&ctx.facts));
+        }
+        match (rx.port, self.config.mode) {
+            (Port::BootServer, _) => self.boot_server(ctx, kind),
+            (Port::Dhcp, DhcpMode::Proxy) => self.proxy(ctx, kind),
+            (Port::Dhcp, DhcpMode::Full) => self.full(ctx, kind),
+            (Port::Dhcp, DhcpMode::Off) => Outcome::default(),
+        }
+    }
+
+    fn server_addrs(&self, rx: &Received<'_>) -> ServerAddrs {
+        ServerAddrs {
+            ip: rx.server_ip,
+            http_port: self.http_port,
+        }
+    }
+
+    /// Proxy mode on port 67: answer PXE clients with boot data only (PXE 2.1 section 2.2.3).
+    fn proxy(&mut self, mut ctx: Ctx<'_>, kind: MessageType) -> Outcome {
+        if !is_pxe_client(&ctx.facts) {
+            return ctx.ignore("not a PXE client (option 60 is not PXEClient or HTTPClient)");
+        }
+        let reply_type = match kind {
+            MessageType::Discover => {
+                ctx.event(BootStage::DhcpDiscover, discover_detail(&ctx.facts));
+                MessageType::Offer
+            }
+            // A client that skips port 4011 and requests from us directly (Q12).
+            MessageType::Request if ctx.req.options.server_id() == Some(ctx.rx.server_ip) => {
+                ctx.event(BootStage::DhcpRequest, "proxyDHCP request on port 67");
+                MessageType::Ack
+            }
+            MessageType::Request => {
+                return ctx.ignore("request for another DHCP server (proxy mode gives no addresses)");
+            }
+            other => return ctx.ignore(format!("{other:?} is not answered in proxy mode")),
+        };
+        let Some(mut reply) = self.boot_reply(&mut ctx, reply_type, DhcpMode::Proxy) else {
+            return Outcome {
+                events: ctx.events,
+                ..Default::default()
+            };
+        };
+        // Proxy replies never carry an address.
+        reply.yiaddr = Ipv4Addr::UNSPECIFIED;
+        // dnsmasq and pixiecore broadcast proxy offers: the client has no address yet (Q11).
+        let dest = if ctx.req.ciaddr.is_unspecified() {
+            Destination::Broadcast
+        } else {
+            Destination::Unicast(SocketAddrV4::new(ctx.req.ciaddr, CLIENT_PORT))
+        };
+        let detail = boot_detail(&reply);
+        ctx.event(BootStage::ProxyOffer, detail);
+        self.finish(ctx, reply, dest, None)
+    }
+
+    /// Port 4011: PXE boot server requests (and iPXE's ProxyDHCPREQUEST). The reply is an ACK
+    /// with the boot file, sent back to the request's source address and port.
+    fn boot_server(&mut self, mut ctx: Ctx<'_>, kind: MessageType) -> Outcome {
+        if !self.config.port_4011 {
+            return ctx.ignore("port 4011 is disabled");
+        }
+        if !matches!(kind, MessageType::Request | MessageType::Inform) {
+            return ctx.ignore(format!("{kind:?} on port 4011"));
+        }
+        if !is_pxe_client(&ctx.facts) {
+            return ctx.ignore("not a PXE client on port 4011");
+        }
+        let mode = self.config.mode;
+        let Some(reply) = self.boot_reply(&mut ctx, MessageType::Ack, mode) else {
+            return Outcome {
+                events: ctx.events,
+                ..Default::default()
+            };
+        };
+        // PXE 2.1 2.2.5: the boot server replies to the client's source port (4011 or 68).
+        let dest = Destination::Unicast(ctx.rx.src);
+        let detail = boot_detail(&reply);
+        ctx.event(BootStage::Proxy4011, detail);
+        self.finish(ctx, reply, dest, None)
+    }
+
+    /// Full mode: RFC 2131 address assignment plus the same boot data as proxy mode.
+    fn full(&mut self, mut ctx: Ctx<'_>, kind: MessageType) -> Outcome {
+        let now = ctx.rx.now_ms / 1000;
+        let link = if ctx.req.giaddr.is_unspecified() {
+            ctx.rx.server_ip
+        } else {
+            ctx.req.giaddr
+        };
+        if self.pool.subnet_for(link).is_none() {
+            return ctx.ignore(format!("no [[dhcp.subnet]] holds {link}"));
+        }
+        match kind {
+            MessageType::Discover => {
+                ctx.event(BootStage::DhcpDiscover, discover_detail(&ctx.facts));
+                let requested = ctx.req.options.requested_ip();
+                let Some(ip) = self.pool.offer(ctx.mac, link, requested, now) else {
+                    return ctx.ignore("pool exhausted: no free address to offer");
+                };
+                let Some(mut reply) = self.address_reply(&mut ctx, MessageType::Offer, link) else {
+                    return Outcome {
+                        events: ctx.events,
+                        ..Default::default()
+                    };
+                };
+                reply.yiaddr = ip;
+                ctx.event(BootStage::DhcpOffer, format!("{ip} {}", boot_detail(&reply)));
+                let dest = client_destination(&ctx.req, ip);
+                self.finish(ctx, reply, dest, None)
+            }
+            MessageType::Request => self.full_request(ctx, link, now),
+            MessageType::Decline => {
+                let Some(ip) = ctx.req.options.requested_ip() else {
+                    return ctx.ignore("DECLINE without a requested address");
+                };
+                let removed = self.pool.decline(&ctx.mac, ip, now);
+                ctx.event(BootStage::DhcpDecline, format!("{ip} quarantined"));
+                Outcome {
+                    events: ctx.events,
+                    lease: removed.map(LeaseChange::Remove),
+                    reply: None,
+                }
+            }
+            MessageType::Release => {
+                let ip = ctx.req.ciaddr;
+                let removed = self.pool.release(&ctx.mac, ip);
+                ctx.event(BootStage::DhcpRelease, ip.to_string());
+                Outcome {
+                    events: ctx.events,
+                    lease: removed.map(LeaseChange::Remove),
+                    reply: None,
+                }
+            }
+            MessageType::Inform => {
+                // RFC 2131 4.3.5: configuration only, no lease, no yiaddr, unicast to ciaddr.
+                let Some(reply) = self.address_reply(&mut ctx, MessageType::Ack, link) else {
+                    return Outcome {
+                        events: ctx.events,
+                        ..Default::default()
+                    };
+                };
+                ctx.event(BootStage::DhcpInform, ctx.req.ciaddr.to_string());
+                let dest = client_destination(&ctx.req, ctx.req.ciaddr);
+                self.finish(ctx, reply, dest, None)
+            }
+            other => ctx.ignore(format!("{other:?} from a client")),
+        }
+    }
+
+    /// RFC 2131 4.3.2: SELECTING, INIT-REBOOT, RENEWING and REBINDING.
+    fn full_request(&mut self, mut ctx: Ctx<'_>, link: Ipv4Addr, now: u64) -> Outcome {
+        let server_id = ctx.req.options.server_id();
+        let requested = ctx.req.options.requested_ip();
+        let (ip, state) = match (server_id, requested, ctx.req.ciaddr.is_unspecified()) {
+            (Some(sid), _, _) if sid != ctx.rx.server_ip => {
+                // The client chose another server's offer: forget ours.
+                return ctx.ignore(format!("client selected server {sid}"));
+            }
+            (Some(_), Some(ip), true) => (ip, "selecting"),
+            (None, Some(ip), true) => (ip, "init-reboot"),
+            (None, _, false) => (ctx.req.ciaddr, "renewing"),
+            _ => return ctx.ignore("REQUEST without a requested address or ciaddr"),
+        };
+        ctx.event(BootStage::DhcpRequest, format!("{ip} ({state})"));
+        let hostname = ctx
+            .req
+            .options
+            .get(12)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .map(|h| h.trim_end_matches('\0').to_string());
+        match self.pool.prepare(ctx.mac, link, ip, hostname, now) {
+            Ok(lease) => {
+                let Some(mut reply) = self.address_reply(&mut ctx, MessageType::Ack, link) else {
+                    return Outcome {
+                        events: ctx.events,
+                        ..Default::default()
+                    };
+                };
+                reply.yiaddr = ip;
+                ctx.event(BootStage::DhcpAck, format!("{ip} {}", boot_detail(&reply)));
+                let dest = client_destination(&ctx.req, ip);
+                self.finish(ctx, reply, dest, Some(LeaseChange::Commit(lease)))
+            }
+            Err(reason) => {
+                // RFC 2131 4.3.2: INIT-REBOOT for an unknown address on a non-authoritative
+                // server must stay silent; pxed is authoritative on the subnets it serves.
+                if state == "init-reboot"
+                    && self.pool.lease(&ctx.mac).is_none()
+                    && matches!(reason, NakReason::WrongNetwork(_))
+                {
+                    return ctx.ignore(format!("init-reboot: {reason}"));
+                }
+                let mut nak = ctx.req.reply_skeleton();
+                nak.options.set(53, vec![6]);
+                nak.options.set(54, ctx.rx.server_ip.octets().to_vec());
+                nak.options.set(56, reason.to_string().into_bytes());
+                ctx.event(BootStage::DhcpNak, reason.to_string());
+                // RFC 2131 4.1: NAKs are broadcast unless relayed.
+                let dest = if ctx.req.giaddr.is_unspecified() {
+                    Destination::Broadcast
+                } else {
+                    Destination::Unicast(SocketAddrV4::new(ctx.req.giaddr, SERVER_PORT))
+                };
+                self.finish(ctx, nak, dest, None)
+            }
+        }
+    }
+
+    /// An OFFER/ACK with address options (full mode), plus boot data for PXE clients.
+    fn address_reply(
+        &self,
+        ctx: &mut Ctx<'_>,
+        reply_type: MessageType,
+        link: Ipv4Addr,
+    ) -> Option<DhcpPacket> {
+        let mut reply = if is_pxe_client(&ctx.facts) {
+            self.boot_reply(ctx, reply_type, DhcpMode::Full)?
+        } else {
+            let mut r = ctx.req.reply_skeleton();
+            r.options.set(53, vec![message_type_code(reply_type)]);
+            r.options.set(54, ctx.rx.server_ip.octets().to_vec());
+            r
+        };
+        let subnet = self.pool.subnet_for(link)?;
+        reply.options.set(1, subnet.mask().octets().to_vec());
+        if let Some(router) = subnet.router {
+            reply.options.set(3, router.octets().to_vec());
+        }
+        if !subnet.dns.is_empty() {
+            reply
+                .options
+                .set(6, subnet.dns.iter().flat_map(|d| d.octets()).collect());
+        }
+        if let Some(domain) = &subnet.domain {
+            reply.options.set(15, domain.as_bytes().to_vec());
+        }
+        // RFC 2131 4.3.5: an INFORM reply carries no lease time.
+        if ctx.req.message_type() != Some(MessageType::Inform) {
+            let secs = u32::try_from(subnet.lease_time.as_secs()).unwrap_or(u32::MAX);
+            // RFC 2132 9.2, 9.11, 9.12: lease time, T1 = 50 %, T2 = 87.5 %.
+            reply.options.set(51, secs.to_be_bytes().to_vec());
+            reply.options.set(58, (secs / 2).to_be_bytes().to_vec());
+            reply.options.set(59, (secs / 8 * 7).to_be_bytes().to_vec());
+        }
+        if let Some(name) = self.policy.machine(&ctx.mac).and_then(|m| m.hostname.clone()) {
+            reply.options.set(12, name.into_bytes());
+        }
+        Some(reply)
+    }
+
+    /// A reply with the PXE boot data for this client, shaped by the reply table. `None` (with
+    /// an event) when the policy says not to boot it.
+    fn boot_reply(
+        &self,
+        ctx: &mut Ctx<'_>,
+        reply_type: MessageType,
+        mode: DhcpMode,
+    ) -> Option<DhcpPacket> {
+        let server = self.server_addrs(ctx.rx);
+        let plan = policy::plan(&self.policy, &ctx.facts, &server);
+        let file = match &plan.dhcp {
+            DhcpBoot::Tftp { file } => file.clone(),
+            DhcpBoot::Http { url } => url.clone(),
+            DhcpBoot::Nothing { reason } => {
+                ctx.event(
+                    BootStage::DhcpIgnore,
+                    format!("profile `{}`: {reason}", plan.profile),
+                );
+                return None;
+            }
+        };
+        let class = ClientClass::of(&ctx.facts);
+        let shape = reply_shape(class, mode);
+        let mut reply = ctx.req.reply_skeleton();
+        reply.options.set(53, vec![message_type_code(reply_type)]);
+        reply.options.set(54, ctx.rx.server_ip.octets().to_vec());
+        apply_boot(&mut reply, &ctx.req, ctx.rx.server_ip, &file, &shape);
+        tracing::debug!(mac = %ctx.mac, ?class, profile = %plan.profile, reason = %plan.reason, file, "boot plan");
+        Some(reply)
+    }
+
+    fn finish(
+        &self,
+        ctx: Ctx<'_>,
+        packet: DhcpPacket,
+        dest: Destination,
+        lease: Option<LeaseChange>,
+    ) -> Outcome {
+        let payload = packet.encode(ctx.req.options.parameter_request_list());
+        Outcome {
+            reply: Some(Reply {
+                dest,
+                packet,
+                payload,
+            }),
+            events: ctx.events,
+            lease,
+        }
+    }
+}
+
+/// Put the boot file where every kind of client looks (firmware-quirks.md Q1): `siaddr`,
+/// `sname` (the server's address as text) and `file` always; options 66/67 when the client
+/// asked for them in option 55. Then options 60, 43 and 175 per the reply table, and 97 echoed.
+fn apply_boot(
+    reply: &mut DhcpPacket,
+    req: &DhcpPacket,
+    server_ip: Ipv4Addr,
+    file: &str,
+    shape: &ReplyShape,
+) {
+    reply.siaddr = server_ip;
+    reply.sname = server_ip.to_string().into_bytes();
+    let prl = req.options.parameter_request_list();
+    let too_long = file.len() > FILE_FIELD_MAX;
+    if !too_long {
+        reply.file = file.as_bytes().to_vec();
+    }
+    if prl.contains(&66) {
+        reply.options.set(66, server_ip.to_string().into_bytes());
+    }
+    if prl.contains(&67) || too_long {
+        reply.options.set(67, file.as_bytes().to_vec());
+    }
+    reply
+        .options
+        .set(60, shape.vendor_id.as_str().as_bytes().to_vec());
+    if let Some(control) = shape.discovery_control {
+        let vendor = PxeVendorOptions {
+            discovery_control: Some(control),
+            ..Default::default()
+        };
+        reply.options.set(43, vendor.encode());
+    }
+    if shape.ipxe_no_pxedhcp {
+        reply.options.set(175, IpxeOptions::no_pxedhcp());
+    }
+    // Smee and pixiecore echo the client's UUID; EDK2 checks it on 4011 replies.
+    if let Some(uuid) = req.options.get(97) {
+        reply.options.set(97, uuid.to_vec());
+    }
+}
+
+/// RFC 2131 4.1: relayed -> the relay's server port; ciaddr set -> unicast to it; broadcast
+/// bit -> broadcast; otherwise unicast to yiaddr at the client's hardware address.
+fn client_destination(req: &DhcpPacket, yiaddr: Ipv4Addr) -> Destination {
+    if !req.giaddr.is_unspecified() {
+        Destination::Unicast(SocketAddrV4::new(req.giaddr, SERVER_PORT))
+    } else if !req.ciaddr.is_unspecified() {
+        Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT))
+    } else if req.broadcast_flag() || yiaddr.is_unspecified() {
+        Destination::Broadcast
+    } else {
+        match req.mac() {
+            Some(mac) => Destination::UnicastToHardware {
+                addr: SocketAddrV4::new(yiaddr, CLIENT_PORT),
+                mac,
+            },
+            None => Destination::Broadcast,
+        }
+    }
+}
+
+fn is_pxe_client(facts: &ClientFacts) -> bool {
+    facts
+        .vendor_class
+        .as_deref()
+        .is_some_and(|v| v.starts_with("PXEClient") || v.starts_with("HTTPClient"))
+        || facts.is_ipxe
+}
+
+fn message_type_code(t: MessageType) -> u8 {
+    match t {
+        MessageType::Discover => 1,
+        MessageType::Offer => 2,
+        MessageType::Request => 3,
+        MessageType::Decline => 4,
+        MessageType::Ack => 5,
+        MessageType::Nak => 6,
+        MessageType::Release => 7,
+        MessageType::Inform => 8,
+    }
+}
+
+fn discover_detail(f: &ClientFacts) -> String {
+    let arch = match (f.arch_code, f.arch()) {
+        (_, Some(a)) => a.to_string(),
+        (Some(code), None) => format!("{code} (unknown)"),
+        (None, None) => "none".into(),
+    };
+    format!(
+        "arch {arch}, class {:?}, vendor {}",
+        ClientClass::of(f),
+        f.vendor_class.as_deref().unwrap_or("-")
+    )
+}
+
+fn ipxe_detail(f: &ClientFacts) -> String {
+    let platform = f.arch().map_or("pcbios", |a| a.ipxe_platform());
+    format!("iPXE on {platform}")
+}
+
+fn boot_detail(reply: &DhcpPacket) -> String {
+    let file = reply
+        .options
+        .get(67)
+        .unwrap_or(reply.file.as_slice())
+        .to_vec();
+    format!("boot {}", String::from_utf8_lossy(&file))
+}
+
+#[cfg(test)]
+mod tests;

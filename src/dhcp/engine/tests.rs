@@ -1,0 +1,355 @@
+//! Engine decisions, one test per rule. Packets are built here; the captured firmware packets
+//! are replayed in `fixture_tests`.
+
+use super::*;
+use crate::dhcp::SubnetConfig;
+use crate::policy::PolicyConfig;
+use std::time::Duration;
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const NOW: u64 = 1_700_000_000_000;
+
+fn policy() -> Arc<Policy> {
+    let cfg: PolicyConfig = toml::from_str(
+        "[[profile]]\nname = \"default\"\nkernel = \"vmlinuz\"\ninitrd = [\"initrd.img\"]\n",
+    )
+    .unwrap();
+    Arc::new(cfg.validate().unwrap())
+}
+
+fn subnet(network: [u8; 4]) -> SubnetConfig {
+    let [a, b, c, _] = network;
+    SubnetConfig {
+        network: Ipv4Addr::from(network),
+        prefix_len: 24,
+        pool_start: Ipv4Addr::new(a, b, c, 100),
+        pool_end: Ipv4Addr::new(a, b, c, 199),
+        router: Some(Ipv4Addr::new(a, b, c, 1)),
+        dns: vec![Ipv4Addr::new(a, b, c, 1)],
+        domain: Some("lab".into()),
+        lease_time: Duration::from_secs(3600),
+    }
+}
+
+fn engine(mode: DhcpMode) -> DhcpEngine {
+    let config = DhcpConfig {
+        mode,
+        port_4011: true,
+        subnet: vec![subnet([10, 0, 0, 0]), subnet([10, 9, 0, 0])],
+    };
+    DhcpEngine::new(config, policy(), 8080, Vec::new())
+}
+
+/// What a client sends; the fields tests vary.
+struct Client {
+    mac: [u8; 6],
+    kind: u8,
+    arch: Option<u16>,
+    vendor: Option<&'static str>,
+    ipxe: bool,
+    prl: Vec<u8>,
+    uuid: Option<[u8; 16]>,
+}
+
+impl Client {
+    fn bios_ipxe() -> Client {
+        Client {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            kind: 1,
+            arch: Some(0),
+            vendor: Some("PXEClient:Arch:00000:UNDI:002001"),
+            ipxe: true,
+            prl: vec![1, 3, 6, 43, 60, 66, 67, 175],
+            uuid: None,
+        }
+    }
+    fn edk2() -> Client {
+        Client {
+            mac: [0x52, 0x54, 0, 0, 0, 2],
+            kind: 1,
+            arch: Some(7),
+            vendor: Some("PXEClient:Arch:00007:UNDI:003000"),
+            ipxe: false,
+            prl: vec![1, 3, 6, 43, 60, 66, 67, 97, 128],
+            uuid: Some([0xab; 16]),
+        }
+    }
+    fn plain() -> Client {
+        Client {
+            mac: [0x52, 0x54, 0, 0, 0, 3],
+            kind: 1,
+            arch: None,
+            vendor: None,
+            ipxe: false,
+            prl: vec![1, 3, 6],
+            uuid: None,
+        }
+    }
+    fn packet(&self) -> DhcpPacket {
+        let mut chaddr = [0u8; 16];
+        chaddr[..6].copy_from_slice(&self.mac);
+        let mut p = DhcpPacket {
+            op: Op::Request,
+            htype: 1,
+            hlen: 6,
+            hops: 0,
+            xid: 0x1234_5678,
+            secs: 4,
+            flags: 0,
+            ciaddr: Ipv4Addr::UNSPECIFIED,
+            yiaddr: Ipv4Addr::UNSPECIFIED,
+            siaddr: Ipv4Addr::UNSPECIFIED,
+            giaddr: Ipv4Addr::UNSPECIFIED,
+            chaddr,
+            sname: vec![],
+            file: vec![],
+            options: Default::default(),
+        };
+        p.options.set(53, vec![self.kind]);
+        p.options.set(55, self.prl.clone());
+        if let Some(v) = self.vendor {
+            p.options.set(60, v.as_bytes().to_vec());
+        }
+        if let Some(a) = self.arch {
+            p.options.set(93, a.to_be_bytes().to_vec());
+        }
+        if let Some(u) = self.uuid {
+            let mut v = vec![0];
+            v.extend_from_slice(&u);
+            p.options.set(97, v);
+        }
+        if self.ipxe {
+            p.options.set(77, b"iPXE".to_vec());
+            p.options.set(175, vec![0x13, 1, 1]);
+        }
+        p
+    }
+}
+
+fn rx(payload: &[u8], port: Port) -> Received<'_> {
+    Received {
+        payload,
+        src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, CLIENT_PORT),
+        port,
+        server_ip: SERVER,
+        now_ms: NOW,
+    }
+}
+
+fn send(e: &mut DhcpEngine, p: &DhcpPacket, port: Port) -> Outcome {
+    let bytes = p.encode(&[]);
+    e.handle(&rx(&bytes, port))
+}
+
+fn stages(o: &Outcome) -> Vec<BootStage> {
+    o.events.iter().map(|e| e.stage).collect()
+}
+
+#[test]
+fn proxy_offer_for_ipxe_bios_carries_script_url_and_no_address() {
+    let mut e = engine(DhcpMode::Proxy);
+    let out = send(&mut e, &Client::bios_ipxe().packet(), Port::Dhcp);
+    let reply = out.reply.expect("a proxy offer");
+    assert_eq!(reply.dest, Destination::Broadcast);
+    let p = DhcpPacket::decode(&reply.payload).unwrap();
+    assert_eq!(p.message_type(), Some(MessageType::Offer));
+    assert_eq!(p.yiaddr, Ipv4Addr::UNSPECIFIED, "proxy never gives an address");
+    assert_eq!(p.siaddr, SERVER);
+    assert_eq!(p.sname, b"10.0.0.1");
+    assert_eq!(p.file, b"http://10.0.0.1:8080/boot.ipxe");
+    assert_eq!(p.options.get(60), Some(&b"PXEClient"[..]));
+    assert_eq!(p.options.get(67), Some(&b"http://10.0.0.1:8080/boot.ipxe"[..]));
+    assert_eq!(p.options.get(66), Some(&b"10.0.0.1"[..]));
+    assert!(p.options.get(43).is_some(), "43 {{6: 8}} for iPXE");
+    assert!(p.options.get(175).is_none(), "no-pxedhcp is for full mode only");
+    assert!(p.options.get(51).is_none(), "no lease time in proxy mode");
+    assert!(p.encode(&[]).len() >= 300);
+    assert_eq!(
+        stages(&out),
+        vec![BootStage::IpxeDhcp, BootStage::DhcpDiscover, BootStage::ProxyOffer]
+    );
+}
+
+#[test]
+fn proxy_uefi_gets_binl_offer_then_4011_ack_to_source() {
+    let mut e = engine(DhcpMode::Proxy);
+    let c = Client::edk2();
+    let out = send(&mut e, &c.packet(), Port::Dhcp);
+    let p = DhcpPacket::decode(&out.reply.unwrap().payload).unwrap();
+    assert_eq!(p.file, b"snponly.efi");
+    assert!(p.options.get(43).is_none(), "EDK2 in proxy mode: BINL offer, no 43");
+    let mut want97 = vec![0];
+    want97.extend_from_slice(&[0xab; 16]);
+    assert_eq!(p.options.get(97), Some(&want97[..]));
+
+    let mut req = c.packet();
+    req.options.set(53, vec![3]);
+    req.ciaddr = Ipv4Addr::new(10, 0, 0, 150);
+    let bytes = req.encode(&[]);
+    let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 150), 4011);
+    let out = e.handle(&Received {
+        src,
+        ..rx(&bytes, Port::BootServer)
+    });
+    let reply = out.reply.expect("4011 ack");
+    assert_eq!(reply.dest, Destination::Unicast(src), "4011 replies go to the source");
+    let p = DhcpPacket::decode(&reply.payload).unwrap();
+    assert_eq!(p.message_type(), Some(MessageType::Ack));
+    assert_eq!(p.file, b"snponly.efi");
+    assert_eq!(p.options.get(60), Some(&b"PXEClient"[..]));
+    assert_eq!(p.options.get(97), Some(&want97[..]));
+    assert_eq!(stages(&out), vec![BootStage::Proxy4011]);
+}
+
+#[test]
+fn proxy_ignores_non_pxe_clients_and_other_servers_requests() {
+    let mut e = engine(DhcpMode::Proxy);
+    let out = send(&mut e, &Client::plain().packet(), Port::Dhcp);
+    assert!(out.reply.is_none());
+    assert_eq!(stages(&out), vec![BootStage::DhcpIgnore]);
+
+    let mut req = Client::edk2().packet();
+    req.options.set(53, vec![3]);
+    req.options.set(54, vec![10, 0, 0, 254]);
+    let out = send(&mut e, &req, Port::Dhcp);
+    assert!(out.reply.is_none());
+    assert!(out.events[0].detail.contains("another DHCP server"));
+}
+
+#[test]
+fn boot_options_66_67_only_when_requested() {
+    let mut e = engine(DhcpMode::Proxy);
+    let mut c = Client::edk2();
+    c.prl = vec![1, 3, 6];
+    let p = DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
+    assert!(p.options.get(66).is_none() && p.options.get(67).is_none());
+    assert_eq!(p.file, b"snponly.efi", "the header always has the file (Q1)");
+}
+
+#[test]
+fn http_boot_client_gets_url_and_httpclient() {
+    let mut e = engine(DhcpMode::Proxy);
+    let mut c = Client::edk2();
+    c.arch = Some(16);
+    c.vendor = Some("HTTPClient:Arch:00016:UNDI:003000");
+    let p = DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
+    assert_eq!(p.options.get(60), Some(&b"HTTPClient"[..]));
+    assert_eq!(p.file, b"http://10.0.0.1:8080/snponly.efi");
+}
+
+#[test]
+fn full_mode_cycle_commits_before_ack() {
+    let mut e = engine(DhcpMode::Full);
+    let c = Client::edk2();
+    let offer = send(&mut e, &c.packet(), Port::Dhcp);
+    assert!(offer.lease.is_none(), "an offer commits nothing");
+    let reply = offer.reply.unwrap();
+    let p = DhcpPacket::decode(&reply.payload).unwrap();
+    let ip = p.yiaddr;
+    assert!(subnet([10, 0, 0, 0]).contains(ip));
+    assert_eq!(p.options.get(1), Some(&[255, 255, 255, 0][..]));
+    assert_eq!(p.options.get(51), Some(&3600u32.to_be_bytes()[..]));
+    assert_eq!(p.options.get(43), Some(&[6, 1, 8, 255][..]), "EDK2 full mode: 43 {{6: 8}}");
+    assert_eq!(p.file, b"snponly.efi");
+    assert!(matches!(reply.dest, Destination::UnicastToHardware { .. }));
+
+    let mut req = c.packet();
+    req.options.set(53, vec![3]);
+    req.options.set(54, SERVER.octets().to_vec());
+    req.options.set(50, ip.octets().to_vec());
+    let ack = send(&mut e, &req, Port::Dhcp);
+    match &ack.lease {
+        Some(LeaseChange::Commit(l)) => assert_eq!((l.ip, l.mac), (ip, MacAddr(c.mac))),
+        other => panic!("expected a commit, got {other:?}"),
+    }
+    let p = DhcpPacket::decode(&ack.reply.as_ref().unwrap().payload).unwrap();
+    assert_eq!(p.message_type(), Some(MessageType::Ack));
+    assert_eq!(p.yiaddr, ip);
+    e.apply(ack.lease.as_ref().unwrap());
+
+    // Another client asking for the same address is refused.
+    let mut other = Client::plain();
+    other.kind = 3;
+    let mut req = other.packet();
+    req.options.set(50, ip.octets().to_vec());
+    let nak = send(&mut e, &req, Port::Dhcp);
+    let reply = nak.reply.unwrap();
+    assert_eq!(reply.dest, Destination::Broadcast);
+    assert_eq!(
+        DhcpPacket::decode(&reply.payload).unwrap().message_type(),
+        Some(MessageType::Nak)
+    );
+}
+
+#[test]
+fn full_mode_ipxe_gets_no_pxedhcp() {
+    let mut e = engine(DhcpMode::Full);
+    let p = DhcpPacket::decode(&send(&mut e, &Client::bios_ipxe().packet(), Port::Dhcp).reply.unwrap().payload)
+        .unwrap();
+    let opt175 = p.options.get(175).expect("175 for iPXE");
+    assert!(opt175.windows(3).any(|w| w == [176, 1, 1]), "{opt175:?}");
+}
+
+#[test]
+fn full_mode_plain_client_gets_address_without_boot_data() {
+    let mut e = engine(DhcpMode::Full);
+    let p = DhcpPacket::decode(&send(&mut e, &Client::plain().packet(), Port::Dhcp).reply.unwrap().payload)
+        .unwrap();
+    assert!(!p.yiaddr.is_unspecified());
+    assert!(p.file.is_empty() && p.options.get(60).is_none() && p.siaddr.is_unspecified());
+}
+
+#[test]
+fn relayed_requests_use_the_relay_subnet_and_go_back_to_the_relay() {
+    let mut e = engine(DhcpMode::Full);
+    let mut p = Client::plain().packet();
+    p.giaddr = Ipv4Addr::new(10, 9, 0, 1);
+    p.hops = 1;
+    let reply = send(&mut e, &p, Port::Dhcp).reply.unwrap();
+    assert_eq!(
+        reply.dest,
+        Destination::Unicast(SocketAddrV4::new(Ipv4Addr::new(10, 9, 0, 1), SERVER_PORT))
+    );
+    let offer = DhcpPacket::decode(&reply.payload).unwrap();
+    assert!(subnet([10, 9, 0, 0]).contains(offer.yiaddr), "{}", offer.yiaddr);
+    assert_eq!(offer.giaddr, Ipv4Addr::new(10, 9, 0, 1));
+}
+
+#[test]
+fn broadcast_flag_is_honoured() {
+    let mut e = engine(DhcpMode::Full);
+    let mut p = Client::plain().packet();
+    p.flags = 0x8000;
+    assert_eq!(send(&mut e, &p, Port::Dhcp).reply.unwrap().dest, Destination::Broadcast);
+}
+
+#[test]
+fn release_and_decline_remove_leases() {
+    let mut e = engine(DhcpMode::Full);
+    let c = Client::plain();
+    let ip = DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload)
+        .unwrap()
+        .yiaddr;
+    let mut req = c.packet();
+    req.options.set(53, vec![3]);
+    req.options.set(50, ip.octets().to_vec());
+    let ack = send(&mut e, &req, Port::Dhcp);
+    e.apply(ack.lease.as_ref().unwrap());
+    let mut decline = c.packet();
+    decline.options.set(53, vec![4]);
+    decline.options.set(50, ip.octets().to_vec());
+    let out = send(&mut e, &decline, Port::Dhcp);
+    assert!(matches!(out.lease, Some(LeaseChange::Remove(_))));
+    assert!(out.reply.is_none());
+    // The quarantined address is not offered again.
+    let again = DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
+    assert_ne!(again.yiaddr, ip);
+}
+
+#[test]
+fn garbage_never_panics_and_is_not_answered() {
+    let mut e = engine(DhcpMode::Full);
+    for bytes in [&[][..], &[1u8; 10][..], &[0u8; 300][..], &[0xffu8; 600][..]] {
+        assert!(e.handle(&rx(bytes, Port::Dhcp)).reply.is_none());
+    }
+}

@@ -1,0 +1,279 @@
+//! `pxed serve`: load the config, bind every socket, run DHCP, TFTP and HTTP on one runtime,
+//! and stop cleanly on Ctrl-C or SIGTERM.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::config::{Config, ServerSection};
+use crate::dhcp::engine::DhcpEngine;
+use crate::dhcp::server::{DhcpServer, find_other_servers};
+use crate::dhcp::{DhcpConfig, DhcpMode};
+use crate::events::EventBus;
+use crate::leases::{JournalStore, LeaseStore};
+use crate::net;
+use crate::policy::{IpxeBinaries, PolicyConfig, ProfileConfig};
+
+/// How long pxed listens for other DHCP servers when it starts.
+const FOREIGN_SERVER_WAIT: Duration = Duration::from_secs(2);
+/// Where leases live without `state_dir` in the config.
+const DEFAULT_STATE_DIR: &str = "/var/lib/pxed";
+
+/// Command-line settings; each overrides the config file.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// Config file.
+    pub config: Option<PathBuf>,
+    /// Interface.
+    pub interface: Option<String>,
+    /// Boot root.
+    pub root: Option<PathBuf>,
+    /// DHCP mode.
+    pub mode: Option<DhcpMode>,
+    /// Server address.
+    pub address: Option<Ipv4Addr>,
+    /// Event file.
+    pub event_log: Option<PathBuf>,
+}
+
+/// The config used without a file: proxy mode and one default profile. The default boots
+/// `vmlinuz` + `initrd.img` from the root when both are there, and otherwise an iPXE script
+/// that says what to do.
+pub fn zero_config(root: &Path) -> anyhow::Result<Config> {
+    let default = if root.join("vmlinuz").is_file() && root.join("initrd.img").is_file() {
+        ProfileConfig {
+            name: "default".into(),
+            kernel: Some("vmlinuz".into()),
+            initrd: vec!["initrd.img".into()],
+            ..Default::default()
+        }
+    } else {
+        ProfileConfig {
+            name: "default".into(),
+            script: Some(
+                "echo pxed: no boot profile is configured for this machine.\n\
+                 echo Put vmlinuz and initrd.img in the boot root, or write a config\n\
+                 echo (see `pxed serve --help`). Booting from local disk in 10 seconds.\n\
+                 sleep 10\nexit\n"
+                    .into(),
+            ),
+            ..Default::default()
+        }
+    };
+    let policy = PolicyConfig {
+        ipxe: IpxeBinaries::default(),
+        profiles: vec![default],
+        groups: Vec::new(),
+        machines: Vec::new(),
+    }
+    .validate()?;
+    Ok(Config {
+        server: ServerSection {
+            interface: None,
+            address: None,
+            root: root.to_path_buf(),
+            event_log: None,
+            state_dir: None,
+        },
+        dhcp: DhcpConfig::default(),
+        tftp: Default::default(),
+        http: Default::default(),
+        policy,
+    })
+}
+
+/// Apply command-line overrides to a loaded or zero config.
+fn effective_config(opts: &ServeOptions) -> anyhow::Result<Config> {
+    let mut cfg = match (&opts.config, &opts.root) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Some(root)) => zero_config(root)?,
+        (None, None) => bail!("give --config FILE, or --root DIR for a zero-config proxy"),
+    };
+    if let Some(i) = &opts.interface {
+        cfg.server.interface = Some(i.clone());
+    }
+    if let Some(r) = &opts.root {
+        cfg.server.root = r.clone();
+    }
+    if let Some(m) = opts.mode {
+        cfg.dhcp.mode = m;
+    }
+    if let Some(a) = opts.address {
+        cfg.server.address = Some(a);
+    }
+    if let Some(e) = &opts.event_log {
+        cfg.server.event_log = Some(e.clone());
+    }
+    cfg.dhcp
+        .validate()
+        .map_err(|m| anyhow::anyhow!("[dhcp]: {m}"))?;
+    Ok(cfg)
+}
+
+/// Run the server until Ctrl-C or SIGTERM.
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let cfg = effective_config(&opts)?;
+    if !cfg.server.root.is_dir() {
+        bail!("boot root {} is not a directory", cfg.server.root.display());
+    }
+    let server_ip = match (cfg.server.address, cfg.server.interface.as_deref()) {
+        (Some(a), _) => a,
+        (None, Some(ifname)) => net::interface_ipv4(ifname)?.0,
+        (None, None) => bail!("give --interface (or [server] address) so pxed knows its address"),
+    };
+    let events = match &cfg.server.event_log {
+        Some(path) => EventBus::with_file(path)
+            .with_context(|| format!("cannot open event log {}", path.display()))?,
+        None => EventBus::new(),
+    };
+    let policy = Arc::new(cfg.policy.clone());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if cfg.dhcp.mode != DhcpMode::Off {
+        let (store, leases): (Arc<dyn LeaseStore>, _) = if cfg.dhcp.mode == DhcpMode::Full {
+            let dir = cfg
+                .server
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            let store = JournalStore::open(&dir.join("leases.jsonl"))?;
+            let leases = store.load()?;
+            (Arc::new(store), leases)
+        } else {
+            (Arc::new(NoLeases), Vec::new())
+        };
+        tracing::info!(leases = leases.len(), "lease store loaded");
+        let engine = Arc::new(Mutex::new(DhcpEngine::new(
+            cfg.dhcp.clone(),
+            policy.clone(),
+            cfg.http.port,
+            leases,
+        )));
+        let dhcp = DhcpServer {
+            engine,
+            store,
+            events: events.clone(),
+            interface: cfg.server.interface.clone(),
+            server_ip,
+            port_4011: cfg.dhcp.port_4011,
+        }
+        .bind()?;
+        tasks.spawn(dhcp);
+        if let Some(ifname) = cfg.server.interface.clone() {
+            let mode = cfg.dhcp.mode;
+            tasks.spawn(async move {
+                report_other_servers(&ifname, server_ip, mode).await;
+                Ok(())
+            });
+        }
+    }
+    tracing::info!(
+        %server_ip,
+        mode = ?cfg.dhcp.mode,
+        root = %cfg.server.root.display(),
+        interface = cfg.server.interface.as_deref().unwrap_or("(all)"),
+        "pxed serving"
+    );
+
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                return Ok(());
+            }
+            done = tasks.join_next() => match done {
+                None => std::future::pending::<()>().await,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(err))) => return Err(err),
+                Some(Err(err)) => return Err(err.into()),
+            }
+        }
+    }
+}
+
+async fn report_other_servers(ifname: &str, ip: Ipv4Addr, mode: DhcpMode) {
+    match find_other_servers(ifname, ip, FOREIGN_SERVER_WAIT).await {
+        Ok(found) if found.is_empty() => match mode {
+            DhcpMode::Proxy => tracing::warn!(
+                "proxy mode, but no other DHCP server answered on {ifname}: clients will get \
+                 boot data but no address; run with --mode full if pxed should give addresses"
+            ),
+            _ => tracing::info!("no other DHCP server on {ifname}"),
+        },
+        Ok(found) => {
+            for f in found {
+                match mode {
+                    DhcpMode::Full => tracing::warn!(
+                        server = %f.server, offered = %f.offered, pxe = f.pxe,
+                        "another DHCP server answers on {ifname}: clients may take its offers"
+                    ),
+                    _ => tracing::info!(
+                        server = %f.server, offered = %f.offered, pxe = f.pxe,
+                        "DHCP server on {ifname} gives the addresses; pxed adds boot data (proxy mode)"
+                    ),
+                }
+            }
+        }
+        Err(err) => tracing::warn!(%err, "could not look for other DHCP servers"),
+    }
+}
+
+/// Proxy mode keeps no leases.
+struct NoLeases;
+
+impl LeaseStore for NoLeases {
+    fn load(&self) -> Result<Vec<crate::dhcp::pool::Lease>, crate::leases::StoreError> {
+        Ok(Vec::new())
+    }
+    fn commit(
+        &self,
+        _: &[crate::dhcp::engine::LeaseChange],
+    ) -> Result<(), crate::leases::StoreError> {
+        Ok(())
+    }
+}
+
+/// `pxed leases`: print the leases in the state directory.
+pub fn print_leases(config: Option<&Path>, state_dir: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let dir = match (state_dir, config) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(c)) => Config::load(c)?
+            .server
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
+    };
+    let path = dir.join("leases.jsonl");
+    if !path.exists() {
+        bail!("no lease file at {}", path.display());
+    }
+    let mut leases = JournalStore::open(&path)?.load()?;
+    leases.sort_by_key(|l| l.ip);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&leases)?);
+    } else {
+        println!("{:<17}  {:<15}  {:<10}  hostname", "mac", "ip", "expires");
+        for l in leases {
+            println!(
+                "{:<17}  {:<15}  {:<10}  {}",
+                l.mac.to_string(),
+                l.ip.to_string(),
+                l.expires,
+                l.hostname.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! pxed's integration tests: one binary, a module per area. Tests that need root (network
+//! namespaces, privileged ports) skip with a message when not root; CI runs them as root.
+
+mod support;
+
+mod dhcp_proxy;
