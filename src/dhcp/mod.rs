@@ -1,6 +1,9 @@
 //! DHCPv4: the wire layer (hardened decoding on top of dhcproto), PXE option codecs, the
 //! sans-IO engine (proxyDHCP and full server) and the socket driver.
 
+pub mod pxe_options;
+pub mod wire;
+
 use std::net::Ipv4Addr;
 use std::time::Duration;
 

@@ -1,0 +1,1 @@
+//! PXE option codecs (in progress).
