@@ -418,7 +418,7 @@ impl DhcpEngine {
             self.boot_reply(ctx, reply_type, DhcpMode::Full)?
         } else {
             let mut r = ctx.req.reply_skeleton();
-            r.options.set(53, vec![message_type_code(reply_type)]);
+            r.options.set(53, vec![reply_type.code()]);
             r.options.set(54, ctx.rx.server_ip.octets().to_vec());
             r
         };
@@ -473,7 +473,7 @@ impl DhcpEngine {
         let class = ClientClass::of(&ctx.facts);
         let shape = reply_shape(class, mode);
         let mut reply = ctx.req.reply_skeleton();
-        reply.options.set(53, vec![message_type_code(reply_type)]);
+        reply.options.set(53, vec![reply_type.code()]);
         reply.options.set(54, ctx.rx.server_ip.octets().to_vec());
         apply_boot(&mut reply, &ctx.req, ctx.rx.server_ip, &file, &shape);
         tracing::debug!(mac = %ctx.mac, ?class, profile = %plan.profile, reason = %plan.reason, file, "boot plan");
@@ -568,19 +568,6 @@ fn is_pxe_client(facts: &ClientFacts) -> bool {
         .as_deref()
         .is_some_and(|v| v.starts_with("PXEClient") || v.starts_with("HTTPClient"))
         || facts.is_ipxe
-}
-
-fn message_type_code(t: MessageType) -> u8 {
-    match t {
-        MessageType::Discover => 1,
-        MessageType::Offer => 2,
-        MessageType::Request => 3,
-        MessageType::Decline => 4,
-        MessageType::Ack => 5,
-        MessageType::Nak => 6,
-        MessageType::Release => 7,
-        MessageType::Inform => 8,
-    }
 }
 
 fn discover_detail(f: &ClientFacts) -> String {
