@@ -1060,4 +1060,145 @@ mod tests {
         assert!(w.iter().any(|x| x.contains("not Ethernet")), "{w:?}");
         assert!(!f.is_ipxe);
     }
+
+    /// Packets captured from real firmware under QEMU (see tests/fixtures/dhcp/README.md). All
+    /// machines ran with `-uuid 12345678-9abc-def0-1122-334455667788`.
+    mod fixtures {
+        use super::*;
+        use crate::dhcp::wire::MAX_PACKET_LEN;
+
+        const QEMU_UUID: &str = "12345678-9abc-def0-1122-334455667788";
+
+        fn load(name: &str) -> DhcpPacket {
+            let path = format!(
+                "{}/tests/fixtures/dhcp/{name}.bin",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let bytes = std::fs::read(&path).unwrap();
+            let p = DhcpPacket::decode(&bytes).unwrap();
+            // dhcproto, given the same raw bytes, sees the same message.
+            let m = <dhcproto::v4::Message as dhcproto::Decodable>::decode(
+                &mut dhcproto::Decoder::new(&bytes),
+            )
+            .unwrap();
+            assert_eq!(m.xid(), p.xid, "{name}");
+            assert_eq!(m.chaddr(), &p.chaddr[..6], "{name}");
+            assert_eq!(m.opts().len(), p.options.len(), "{name}");
+            // Our own round trip keeps every field and option.
+            let again = DhcpPacket::decode(&p.encode(p.options.parameter_request_list())).unwrap();
+            assert_eq!(again.xid, p.xid);
+            for (c, v) in p.options.iter() {
+                assert_eq!(again.options.get(c), Some(v), "{name} option {c}");
+            }
+            p
+        }
+
+        fn facts(name: &str) -> (DhcpPacket, ClientFacts) {
+            let p = load(name);
+            let (f, w) = client_facts(&p);
+            assert!(w.is_empty(), "{name}: {w:?}");
+            (p, f)
+        }
+
+        #[test]
+        fn ipxe_bios_rom() {
+            for (name, t) in [
+                ("ipxe-bios-discover", MessageType::Discover),
+                ("ipxe-bios-request", MessageType::Request),
+            ] {
+                let (p, f) = facts(name);
+                assert_eq!(p.message_type(), Some(t));
+                assert_eq!(f.mac.to_string(), "52:54:00:00:00:01");
+                assert_eq!(f.arch_code, Some(0), "SeaBIOS: x86 BIOS");
+                assert_eq!(
+                    f.vendor_class.as_deref(),
+                    Some("PXEClient:Arch:00000:UNDI:002001")
+                );
+                assert_eq!(f.user_class, vec!["iPXE"], "bare string, not RFC 3004");
+                assert!(f.is_ipxe);
+                assert_eq!(f.uuid.as_deref(), Some(QEMU_UUID));
+                assert!(!p.broadcast_flag());
+                let prl = p.options.parameter_request_list();
+                for c in [1, 3, 6, 43, 60, 66, 67, 175] {
+                    assert!(prl.contains(&c), "{name} PRL lacks {c}");
+                }
+                assert_eq!(p.options.max_message_size(), Some(1472));
+                assert_eq!(
+                    parse_client_ndi(p.options.get(code::CLIENT_NDI).unwrap()),
+                    Ok(ClientNdi {
+                        kind: 1,
+                        major: 2,
+                        minor: 1
+                    })
+                );
+                let ipxe = IpxeOptions::decode(p.options.get(code::IPXE_ENCAP).unwrap()).unwrap();
+                assert_eq!(ipxe.bus_id(), Some((1, 0x8086, 0x100e)), "e1000 on PCI");
+                for feat in [ipxe_feature::HTTP, ipxe_feature::TFTP, ipxe_feature::PXE] {
+                    assert!(ipxe.has_feature(feat), "{feat:#x}");
+                }
+                assert!(!ipxe.has_feature(ipxe_feature::EFI));
+                assert!(ipxe.version().is_some());
+                assert_eq!(
+                    p.options.client_id(),
+                    Some(&[1, 0x52, 0x54, 0, 0, 0, 1][..])
+                );
+            }
+            let r = load("ipxe-bios-request");
+            assert_eq!(r.options.server_id(), Some(Ipv4Addr::new(10, 0, 2, 2)));
+            assert_eq!(r.options.requested_ip(), Some(Ipv4Addr::new(10, 0, 2, 15)));
+        }
+
+        #[test]
+        fn ipxe_efi_snponly() {
+            for name in ["ipxe-efi-discover", "ipxe-efi-request"] {
+                let (p, f) = facts(name);
+                assert_eq!(f.mac.to_string(), "52:54:00:00:00:02");
+                assert_eq!(f.arch_code, Some(7), "x86-64 UEFI");
+                assert_eq!(
+                    f.vendor_class.as_deref(),
+                    Some("PXEClient:Arch:00007:UNDI:003010")
+                );
+                assert_eq!(f.user_class, vec!["iPXE"]);
+                assert!(f.is_ipxe);
+                assert_eq!(f.uuid.as_deref(), Some(QEMU_UUID));
+                let ipxe = IpxeOptions::decode(p.options.get(code::IPXE_ENCAP).unwrap()).unwrap();
+                assert!(ipxe.has_feature(ipxe_feature::EFI));
+                assert!(ipxe.has_feature(ipxe_feature::HTTP));
+                assert!(!ipxe.has_feature(ipxe_feature::PXE));
+                assert_eq!(ipxe.bus_id(), Some((1, 0x1af4, 0x1000)), "virtio-net");
+            }
+        }
+
+        #[test]
+        fn edk2_native_pxe() {
+            for (name, t) in [
+                ("edk2-pxe-discover", MessageType::Discover),
+                ("edk2-pxe-request", MessageType::Request),
+            ] {
+                let (p, f) = facts(name);
+                assert_eq!(p.message_type(), Some(t));
+                assert_eq!(f.mac.to_string(), "52:54:00:00:00:02");
+                assert_eq!(f.arch_code, Some(7), "EDK2 sends 7 for x64 (quirks Q5)");
+                assert_eq!(
+                    f.vendor_class.as_deref(),
+                    Some("PXEClient:Arch:00007:UNDI:003000")
+                );
+                assert!(f.user_class.is_empty());
+                assert!(!f.is_ipxe);
+                assert_eq!(f.uuid.as_deref(), Some(QEMU_UUID));
+                assert!(p.broadcast_flag(), "EDK2 sets the broadcast bit");
+                assert_eq!(p.options.client_id(), None, "EDK2 sends no option 61");
+                let prl = p.options.parameter_request_list();
+                assert_eq!(prl.len(), 35);
+                for c in [43, 60, 66, 67, 97, 128, 135] {
+                    assert!(prl.contains(&c), "{name} PRL lacks {c}");
+                }
+            }
+            // EDK2's REQUEST claims a 65280-byte limit; we never go past one frame.
+            let r = load("edk2-pxe-request");
+            assert_eq!(r.options.max_message_size(), Some(0xff00));
+            assert_eq!(r.max_reply_len(), MAX_PACKET_LEN);
+            assert_eq!(load("edk2-pxe-discover").max_reply_len(), 1472 - 28);
+        }
+    }
 }
