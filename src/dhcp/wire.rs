@@ -1300,4 +1300,148 @@ mod tests {
         let v = encode_option(dhcproto::v4::DhcpOption::Message("m".repeat(400)));
         assert_eq!(v.len(), 400);
     }
+
+    mod props {
+        use super::super::*;
+        use crate::dhcp::pxe_options::client_facts;
+        use proptest::prelude::*;
+
+        /// Codes with a length rule get valid values from their own strategy.
+        fn free_code() -> impl Strategy<Value = u8> {
+            (1u8..=254).prop_filter("code with a length rule", |c| {
+                length_rule(*c, 9999).is_none() && length_rule(*c, 0).is_none()
+            })
+        }
+
+        fn ip() -> impl Strategy<Value = Ipv4Addr> {
+            any::<u32>().prop_map(Ipv4Addr::from)
+        }
+
+        /// Names without NULs that fit their field.
+        fn name(max: usize) -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(1u8..=255, 0..=max)
+        }
+
+        prop_compose! {
+            fn packet()(
+                op in prop_oneof![Just(Op::Request), Just(Op::Reply)],
+                htype in any::<u8>(), hlen in 0u8..=16, hops in any::<u8>(),
+                xid in any::<u32>(), secs in any::<u16>(), flags in any::<u16>(),
+                ciaddr in ip(), yiaddr in ip(), siaddr in ip(), giaddr in ip(),
+                chaddr in any::<[u8; 16]>(),
+                sname in name(SNAME_LEN - 1), file in name(FILE_LEN - 1),
+                mtype in proptest::option::of(1u8..=8),
+                server in proptest::option::of(ip()),
+                rest in proptest::collection::vec(
+                    (free_code(), proptest::collection::vec(any::<u8>(), 0..140)), 0..8),
+            ) -> DhcpPacket {
+                let mut options = DhcpOptions::new();
+                for (c, v) in rest {
+                    options.set(c, v);
+                }
+                if let Some(t) = mtype {
+                    options.set(code::MESSAGE_TYPE, vec![t]);
+                }
+                if let Some(s) = server {
+                    options.set_server_id(s);
+                }
+                DhcpPacket {
+                    op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr,
+                    chaddr, sname, file, options,
+                }
+            }
+        }
+
+        fn sorted(o: &DhcpOptions) -> Vec<(u8, Vec<u8>)> {
+            let mut v: Vec<(u8, Vec<u8>)> = o.iter().map(|(c, b)| (c, b.to_vec())).collect();
+            v.sort();
+            v
+        }
+
+        /// Everything downstream of decode that must not panic either.
+        fn exercise(p: &DhcpPacket) {
+            let _ = client_facts(p);
+            let _ = p.to_dhcproto();
+            let prl = p.options.parameter_request_list().to_vec();
+            let again = p.encode(&prl);
+            let _ = DhcpPacket::decode(&again);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn encode_decode_round_trip(
+                p in packet(),
+                prl in proptest::collection::vec(any::<u8>(), 0..20),
+            ) {
+                let bytes = p.encode(&prl);
+                prop_assert!(bytes.len() >= MIN_REPLY_LEN);
+                let q = DhcpPacket::decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(sorted(&q.options), sorted(&p.options));
+                let mut q2 = q.clone();
+                q2.options = p.options.clone();
+                prop_assert_eq!(q2, p.clone());
+                // Order: 53, 54 first, then the PRL's order.
+                let codes: Vec<u8> = q.options.iter().map(|(c, _)| c).collect();
+                let mut want: Vec<u8> = Vec::new();
+                for c in [code::MESSAGE_TYPE, code::SERVER_ID].iter().chain(prl.iter()) {
+                    if p.options.contains(*c) && !want.contains(c) {
+                        want.push(*c);
+                    }
+                }
+                prop_assert_eq!(&codes[..want.len()], &want[..]);
+                // dhcproto reads what we wrote (xid, chaddr) without panicking.
+                if let Ok(m) = q.to_dhcproto() {
+                    prop_assert_eq!(m.xid(), p.xid);
+                }
+            }
+
+            #[test]
+            fn decode_never_panics_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+                if let Ok(p) = DhcpPacket::decode(&bytes) {
+                    exercise(&p);
+                }
+            }
+
+            #[test]
+            fn decode_never_panics_on_mutations(
+                p in packet(),
+                muts in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..12),
+                cut in proptest::option::of(any::<prop::sample::Index>()),
+                overload in proptest::option::of(0u8..=4),
+            ) {
+                let mut bytes = p.encode(&[]);
+                if let Some(v) = overload {
+                    // Put a 52 at the start of the options so mutations hit file/sname parsing.
+                    bytes.splice(MIN_PACKET_LEN..MIN_PACKET_LEN, [code::OVERLOAD, 1, v]);
+                }
+                for (i, b) in muts {
+                    let at = i.index(bytes.len());
+                    bytes[at] = b;
+                }
+                if let Some(c) = cut {
+                    bytes.truncate(c.index(bytes.len() + 1));
+                }
+                if let Ok(q) = DhcpPacket::decode(&bytes) {
+                    exercise(&q);
+                }
+            }
+
+            #[test]
+            fn valid_header_with_random_options_never_panics(
+                area in proptest::collection::vec(any::<u8>(), 0..1200),
+                file in any::<[u8; 128]>(),
+                sname in any::<[u8; 64]>(),
+            ) {
+                let mut bytes = super::discover().encode(&[])[..MIN_PACKET_LEN].to_vec();
+                bytes[FILE_OFFSET..FILE_OFFSET + FILE_LEN].copy_from_slice(&file);
+                bytes[SNAME_OFFSET..SNAME_OFFSET + SNAME_LEN].copy_from_slice(&sname);
+                bytes.extend_from_slice(&area);
+                if let Ok(q) = DhcpPacket::decode(&bytes) {
+                    exercise(&q);
+                }
+            }
+        }
+    }
 }
