@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::pool::{Lease, NakReason, Pool};
-use super::pxe_options::{IpxeOptions, PxeVendorOptions, client_facts};
+use super::pxe_options::{PxeVendorOptions, client_facts, no_pxedhcp};
 use super::reply_table::{ClientClass, ReplyShape, reply_shape};
 use super::wire::{DhcpPacket, MessageType, Op};
 use super::{DhcpConfig, DhcpMode};
@@ -531,10 +531,13 @@ fn apply_boot(
             discovery_control: Some(control),
             ..Default::default()
         };
-        reply.options.set(43, vendor.encode());
+        // Only a discovery control byte: it always fits, so encoding cannot fail.
+        if let Ok(bytes) = vendor.encode() {
+            reply.options.set(43, bytes);
+        }
     }
     if shape.ipxe_no_pxedhcp {
-        reply.options.set(175, IpxeOptions::no_pxedhcp());
+        reply.options.set(175, no_pxedhcp());
     }
     // Smee and pixiecore echo the client's UUID; EDK2 checks it on 4011 replies.
     if let Some(uuid) = req.options.get(97) {
