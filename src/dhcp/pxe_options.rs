@@ -1200,5 +1200,23 @@ mod tests {
             assert_eq!(r.max_reply_len(), MAX_PACKET_LEN);
             assert_eq!(load("edk2-pxe-discover").max_reply_len(), 1472 - 28);
         }
+
+        #[test]
+        fn edk2_http_boot() {
+            let (p, f) = facts("edk2-http-discover");
+            assert_eq!(p.message_type(), Some(MessageType::Discover));
+            assert_eq!(f.mac.to_string(), "52:54:00:00:00:03");
+            assert_eq!(f.arch_code, Some(16), "x64 UEFI HTTP");
+            let v = parse_vendor_class(f.vendor_class.as_deref().unwrap().as_bytes());
+            assert_eq!(v.kind, VendorKind::HttpClient);
+            assert_eq!((v.arch, v.undi), (Some(16), Some((3, 0))));
+            assert!(f.is_http_client());
+            assert!(!f.is_ipxe);
+            assert_eq!(f.uuid.as_deref(), Some(QEMU_UUID));
+            assert!(p.broadcast_flag());
+            let prl = p.options.parameter_request_list();
+            assert!(prl.contains(&60) && prl.contains(&67), "{prl:?}");
+            assert!(!prl.contains(&66), "HTTP boot asks for no TFTP server");
+        }
     }
 }
