@@ -214,7 +214,10 @@ mod tests {
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("{\"op\":\"commit\",\"mac\":\"02:0");
         std::fs::write(&path, &text).unwrap();
-        assert_eq!(JournalStore::open(&path).unwrap().load().unwrap(), vec![lease(1)]);
+        assert_eq!(
+            JournalStore::open(&path).unwrap().load().unwrap(),
+            vec![lease(1)]
+        );
 
         std::fs::write(&path, format!("garbage\n{text}\n")).unwrap();
         let err = JournalStore::open(&path).err().unwrap().to_string();

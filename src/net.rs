@@ -29,9 +29,9 @@ pub fn udp_socket(addr: SocketAddr, interface: Option<&str>) -> io::Result<std::
             io::Error::new(e.kind(), format!("cannot bind to interface {ifname}: {e}"))
         })?;
     }
-    socket.bind(&addr.into()).map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot bind UDP {addr}: {e}"))
-    })?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP {addr}: {e}")))?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
@@ -85,7 +85,12 @@ pub fn interface_ipv4(ifname: &str) -> io::Result<(Ipv4Addr, u8)> {
 /// Tell the kernel that `ip` is at `mac` on `ifname`, so that a unicast reply to a client
 /// without an address reaches it (RFC 2131 4.1: "the server SHOULD unicast ... to the client's
 /// hardware address and 'yiaddr'"). A plain UDP socket cannot do this by itself.
-pub fn set_arp_entry(sock: &impl std::os::fd::AsRawFd, ifname: &str, ip: Ipv4Addr, mac: MacAddr) -> io::Result<()> {
+pub fn set_arp_entry(
+    sock: &impl std::os::fd::AsRawFd,
+    ifname: &str,
+    ip: Ipv4Addr,
+    mac: MacAddr,
+) -> io::Result<()> {
     let name = CString::new(ifname).map_err(|_| io::Error::other("interface name has a NUL"))?;
     // SAFETY: arpreq is plain old data; all-zero is a valid value.
     let mut req: libc::arpreq = unsafe { std::mem::zeroed() };

@@ -246,7 +246,11 @@ impl LeaseStore for NoLeases {
 }
 
 /// `pxed leases`: print the leases in the state directory.
-pub fn print_leases(config: Option<&Path>, state_dir: Option<&Path>, json: bool) -> anyhow::Result<()> {
+pub fn print_leases(
+    config: Option<&Path>,
+    state_dir: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     let dir = match (state_dir, config) {
         (Some(d), _) => d.to_path_buf(),
         (None, Some(c)) => Config::load(c)?

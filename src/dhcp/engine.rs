@@ -231,7 +231,8 @@ impl DhcpEngine {
                 MessageType::Ack
             }
             MessageType::Request => {
-                return ctx.ignore("request for another DHCP server (proxy mode gives no addresses)");
+                return ctx
+                    .ignore("request for another DHCP server (proxy mode gives no addresses)");
             }
             other => return ctx.ignore(format!("{other:?} is not answered in proxy mode")),
         };
@@ -305,7 +306,10 @@ impl DhcpEngine {
                     };
                 };
                 reply.yiaddr = ip;
-                ctx.event(BootStage::DhcpOffer, format!("{ip} {}", boot_detail(&reply)));
+                ctx.event(
+                    BootStage::DhcpOffer,
+                    format!("{ip} {}", boot_detail(&reply)),
+                );
                 let dest = client_destination(&ctx.req, ip);
                 self.finish(ctx, reply, dest, None)
             }
@@ -443,7 +447,11 @@ impl DhcpEngine {
             reply.options.set(58, (secs / 2).to_be_bytes().to_vec());
             reply.options.set(59, (secs / 8 * 7).to_be_bytes().to_vec());
         }
-        if let Some(name) = self.policy.machine(&ctx.mac).and_then(|m| m.hostname.clone()) {
+        if let Some(name) = self
+            .policy
+            .machine(&ctx.mac)
+            .and_then(|m| m.hostname.clone())
+        {
             reply.options.set(12, name.into_bytes());
         }
         Some(reply)

@@ -141,7 +141,13 @@ impl Pool {
     }
 
     /// Check that `ip` can be leased to `mac` on the link, without changing anything.
-    pub fn check(&self, mac: &MacAddr, link: Ipv4Addr, ip: Ipv4Addr, now: u64) -> Result<(), NakReason> {
+    pub fn check(
+        &self,
+        mac: &MacAddr,
+        link: Ipv4Addr,
+        ip: Ipv4Addr,
+        now: u64,
+    ) -> Result<(), NakReason> {
         let subnet = self
             .subnet_for(link)
             .filter(|s| s.contains(ip))
@@ -248,9 +254,15 @@ mod tests {
     #[test]
     fn offers_are_held_then_exhaust() {
         let mut p = Pool::new(vec![subnet()], []);
-        let ips: Vec<_> = (1..=3).map(|n| p.offer(mac(n), LINK, None, 0).unwrap()).collect();
+        let ips: Vec<_> = (1..=3)
+            .map(|n| p.offer(mac(n), LINK, None, 0).unwrap())
+            .collect();
         assert_eq!(ips.len(), 3);
-        assert_eq!(p.offer(mac(4), LINK, None, 0), None, "pool of three is exhausted");
+        assert_eq!(
+            p.offer(mac(4), LINK, None, 0),
+            None,
+            "pool of three is exhausted"
+        );
         // After the hold time the offers lapse.
         assert!(p.offer(mac(4), LINK, None, OFFER_HOLD_SECS + 1).is_some());
     }
@@ -260,7 +272,10 @@ mod tests {
         let mut p = Pool::new(vec![subnet()], []);
         let a = p.offer(mac(1), LINK, None, 0).unwrap();
         p.apply(p.prepare(mac(1), LINK, a, None, 0).unwrap());
-        assert!(matches!(p.check(&mac(2), LINK, a, 1), Err(NakReason::Taken { .. })));
+        assert!(matches!(
+            p.check(&mac(2), LINK, a, 1),
+            Err(NakReason::Taken { .. })
+        ));
         p.decline(&mac(1), a, 1);
         assert_eq!(p.check(&mac(2), LINK, a, 2), Err(NakReason::Quarantined(a)));
         assert_ne!(p.offer(mac(2), LINK, Some(a), 2), Some(a));

@@ -176,7 +176,11 @@ mod tests {
             assert!(reply_shape(class, DhcpMode::Full).ipxe_no_pxedhcp);
             assert!(!reply_shape(class, DhcpMode::Proxy).ipxe_no_pxedhcp);
         }
-        for class in [ClientClass::UefiPxe, ClientClass::UefiHttp, ClientClass::PxeRom] {
+        for class in [
+            ClientClass::UefiPxe,
+            ClientClass::UefiHttp,
+            ClientClass::PxeRom,
+        ] {
             assert!(!reply_shape(class, DhcpMode::Full).ipxe_no_pxedhcp);
         }
     }

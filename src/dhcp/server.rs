@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::net::UdpSocket;
 
-use super::engine::{CLIENT_PORT, DhcpEngine, Destination, PXE_PORT, Port, Received, SERVER_PORT};
+use super::engine::{CLIENT_PORT, Destination, DhcpEngine, PXE_PORT, Port, Received, SERVER_PORT};
 use super::wire::{DhcpPacket, MessageType, Op};
 use crate::events::EventBus;
 use crate::leases::LeaseStore;
@@ -212,9 +212,14 @@ pub async fn find_other_servers(
     let mut found = Vec::new();
     let mut buf = vec![0u8; RECV_BUFFER];
     let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(Ok((len, src))) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await {
-        let Some(bytes) = buf.get(..len) else { continue };
-        let Ok(offer) = DhcpPacket::decode(bytes) else { continue };
+    while let Ok(Ok((len, src))) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await
+    {
+        let Some(bytes) = buf.get(..len) else {
+            continue;
+        };
+        let Ok(offer) = DhcpPacket::decode(bytes) else {
+            continue;
+        };
         if offer.xid != xid || offer.message_type() != Some(MessageType::Offer) {
             continue;
         }
@@ -222,7 +227,10 @@ pub async fn find_other_servers(
         if server == IpAddr::V4(our_ip) {
             continue;
         }
-        let pxe = offer.options.get(60).is_some_and(|v| v.starts_with(b"PXEClient"))
+        let pxe = offer
+            .options
+            .get(60)
+            .is_some_and(|v| v.starts_with(b"PXEClient"))
             || !offer.file.is_empty();
         found.push(ForeignServer {
             server,

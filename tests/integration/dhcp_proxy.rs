@@ -66,7 +66,8 @@ fn client_socket(port: u16) -> UdpSocket {
     s.bind_device(Some(b"eth0")).unwrap();
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
         .unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     s.into()
 }
 
@@ -76,13 +77,12 @@ fn collect(sock: &UdpSocket, xid: u32, want: usize, within: Duration) -> Vec<Dhc
     let mut got = Vec::new();
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline && got.len() < want {
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if let Ok(p) = DhcpPacket::decode(&buf[..n])
-                && p.xid == xid
-                && p.op == Op::Reply
-            {
-                got.push(p);
-            }
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && let Ok(p) = DhcpPacket::decode(&buf[..n])
+            && p.xid == xid
+            && p.op == Op::Reply
+        {
+            got.push(p);
         }
     }
     got
@@ -110,7 +110,10 @@ fn proxy_beside_dnsmasq_boots_bios_uefi_and_ipxe() {
         "--log-dhcp",
         "--pid-file=",
     ]);
-    dnsmasq_cmd.arg(format!("--dhcp-leasefile={}", dir.path().join("dnsmasq.leases").display()));
+    dnsmasq_cmd.arg(format!(
+        "--dhcp-leasefile={}",
+        dir.path().join("dnsmasq.leases").display()
+    ));
     let mut dnsmasq = Daemon::spawn(dnsmasq_cmd, &dir.path().join("dnsmasq.log"));
 
     let events = dir.path().join("events.jsonl");
@@ -129,9 +132,24 @@ fn proxy_beside_dnsmasq_boots_bios_uefi_and_ipxe() {
     });
 
     let clients = [
-        Firmware { mac: [0x52, 0x54, 0, 0xaa, 0, 1], arch: 0, ipxe: false, expect_file: "undionly.kpxe" },
-        Firmware { mac: [0x52, 0x54, 0, 0xaa, 0, 2], arch: 7, ipxe: false, expect_file: "snponly.efi" },
-        Firmware { mac: [0x52, 0x54, 0, 0xaa, 0, 3], arch: 7, ipxe: true, expect_file: "http://10.231.0.1:8080/boot.ipxe" },
+        Firmware {
+            mac: [0x52, 0x54, 0, 0xaa, 0, 1],
+            arch: 0,
+            ipxe: false,
+            expect_file: "undionly.kpxe",
+        },
+        Firmware {
+            mac: [0x52, 0x54, 0, 0xaa, 0, 2],
+            arch: 7,
+            ipxe: false,
+            expect_file: "snponly.efi",
+        },
+        Firmware {
+            mac: [0x52, 0x54, 0, 0xaa, 0, 3],
+            arch: 7,
+            ipxe: true,
+            expect_file: "http://10.231.0.1:8080/boot.ipxe",
+        },
     ];
     for (i, fw) in clients.iter().enumerate() {
         let xid = 0x5000_0000 + i as u32;
@@ -139,24 +157,45 @@ fn proxy_beside_dnsmasq_boots_bios_uefi_and_ipxe() {
         let ns = &lan.hosts[cli];
         let offers = ns.enter(move || {
             let sock = client_socket(68);
-            sock.send_to(&packet.encode(&[]), (Ipv4Addr::BROADCAST, 67)).unwrap();
+            sock.send_to(&packet.encode(&[]), (Ipv4Addr::BROADCAST, 67))
+                .unwrap();
             collect(&sock, xid, 2, Duration::from_secs(5))
         });
         let from = |ip: Ipv4Addr| {
             offers
                 .iter()
                 .find(|p| p.options.server_id() == Some(ip))
-                .unwrap_or_else(|| panic!("no offer from {ip}; got {offers:?}\npxed log:\n{}", pxed.log_text()))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no offer from {ip}; got {offers:?}\npxed log:\n{}",
+                        pxed.log_text()
+                    )
+                })
         };
         let address_offer = from(DNSMASQ_IP);
-        assert!(!address_offer.yiaddr.is_unspecified(), "dnsmasq gives the address");
+        assert!(
+            !address_offer.yiaddr.is_unspecified(),
+            "dnsmasq gives the address"
+        );
         let proxy = from(PXED_IP);
         assert_eq!(proxy.message_type(), Some(MessageType::Offer));
-        assert_eq!(proxy.yiaddr, Ipv4Addr::UNSPECIFIED, "pxed must never give an address");
+        assert_eq!(
+            proxy.yiaddr,
+            Ipv4Addr::UNSPECIFIED,
+            "pxed must never give an address"
+        );
         assert_eq!(proxy.siaddr, PXED_IP);
-        assert_eq!(proxy.file, fw.expect_file.as_bytes(), "boot file for {:?}", fw.mac);
+        assert_eq!(
+            proxy.file,
+            fw.expect_file.as_bytes(),
+            "boot file for {:?}",
+            fw.mac
+        );
         assert_eq!(proxy.options.get(60), Some(&b"PXEClient"[..]));
-        assert_eq!(proxy.options.get(97), Some(&discover(fw, xid).options.get(97).unwrap().to_vec()[..]));
+        assert_eq!(
+            proxy.options.get(97),
+            Some(&discover(fw, xid).options.get(97).unwrap().to_vec()[..])
+        );
 
         // The client takes dnsmasq's address, then asks pxed's boot server on 4011.
         let addr = format!("{}/24", address_offer.yiaddr);
@@ -171,7 +210,9 @@ fn proxy_beside_dnsmasq_boots_bios_uefi_and_ipxe() {
             collect(&sock, xid + 0x100, 1, Duration::from_secs(5))
         });
         ns.ip(&["addr", "del", &addr, "dev", "eth0"]);
-        let ack = acks.first().unwrap_or_else(|| panic!("no 4011 reply\n{}", pxed.log_text()));
+        let ack = acks
+            .first()
+            .unwrap_or_else(|| panic!("no 4011 reply\n{}", pxed.log_text()));
         assert_eq!(ack.message_type(), Some(MessageType::Ack));
         assert_eq!(ack.yiaddr, Ipv4Addr::UNSPECIFIED);
         assert_eq!(ack.file, fw.expect_file.as_bytes());
@@ -180,7 +221,12 @@ fn proxy_beside_dnsmasq_boots_bios_uefi_and_ipxe() {
     // The event stream recorded each client's proxy offer and 4011 answer.
     let text = std::fs::read_to_string(&events).unwrap();
     for fw in &clients {
-        let mac = fw.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        let mac = fw
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
         for stage in ["proxy.offer", "proxy.4011"] {
             assert!(
                 text.lines().any(|l| l.contains(&mac) && l.contains(stage)),

@@ -96,12 +96,17 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Kill anything still running in the namespace, then remove it.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -130,7 +135,8 @@ impl Lan {
         self.switch.ip(&[
             "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &host.name,
         ]);
-        self.switch.ip(&["link", "set", &peer, "master", "br0", "up"]);
+        self.switch
+            .ip(&["link", "set", &peer, "master", "br0", "up"]);
         host.ip(&["link", "set", "eth0", "up"]);
         if let Some(a) = addr {
             host.ip(&["addr", "add", a, "dev", "eth0"]);

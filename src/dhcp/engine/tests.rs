@@ -153,20 +153,34 @@ fn proxy_offer_for_ipxe_bios_carries_script_url_and_no_address() {
     assert_eq!(reply.dest, Destination::Broadcast);
     let p = DhcpPacket::decode(&reply.payload).unwrap();
     assert_eq!(p.message_type(), Some(MessageType::Offer));
-    assert_eq!(p.yiaddr, Ipv4Addr::UNSPECIFIED, "proxy never gives an address");
+    assert_eq!(
+        p.yiaddr,
+        Ipv4Addr::UNSPECIFIED,
+        "proxy never gives an address"
+    );
     assert_eq!(p.siaddr, SERVER);
     assert_eq!(p.sname, b"10.0.0.1");
     assert_eq!(p.file, b"http://10.0.0.1:8080/boot.ipxe");
     assert_eq!(p.options.get(60), Some(&b"PXEClient"[..]));
-    assert_eq!(p.options.get(67), Some(&b"http://10.0.0.1:8080/boot.ipxe"[..]));
+    assert_eq!(
+        p.options.get(67),
+        Some(&b"http://10.0.0.1:8080/boot.ipxe"[..])
+    );
     assert_eq!(p.options.get(66), Some(&b"10.0.0.1"[..]));
     assert!(p.options.get(43).is_some(), "43 {{6: 8}} for iPXE");
-    assert!(p.options.get(175).is_none(), "no-pxedhcp is for full mode only");
+    assert!(
+        p.options.get(175).is_none(),
+        "no-pxedhcp is for full mode only"
+    );
     assert!(p.options.get(51).is_none(), "no lease time in proxy mode");
     assert!(p.encode(&[]).len() >= 300);
     assert_eq!(
         stages(&out),
-        vec![BootStage::IpxeDhcp, BootStage::DhcpDiscover, BootStage::ProxyOffer]
+        vec![
+            BootStage::IpxeDhcp,
+            BootStage::DhcpDiscover,
+            BootStage::ProxyOffer
+        ]
     );
 }
 
@@ -177,7 +191,10 @@ fn proxy_uefi_gets_binl_offer_then_4011_ack_to_source() {
     let out = send(&mut e, &c.packet(), Port::Dhcp);
     let p = DhcpPacket::decode(&out.reply.unwrap().payload).unwrap();
     assert_eq!(p.file, b"snponly.efi");
-    assert!(p.options.get(43).is_none(), "EDK2 in proxy mode: BINL offer, no 43");
+    assert!(
+        p.options.get(43).is_none(),
+        "EDK2 in proxy mode: BINL offer, no 43"
+    );
     let mut want97 = vec![0];
     want97.extend_from_slice(&[0xab; 16]);
     assert_eq!(p.options.get(97), Some(&want97[..]));
@@ -192,7 +209,11 @@ fn proxy_uefi_gets_binl_offer_then_4011_ack_to_source() {
         ..rx(&bytes, Port::BootServer)
     });
     let reply = out.reply.clone().expect("4011 ack");
-    assert_eq!(reply.dest, Destination::Unicast(src), "4011 replies go to the source");
+    assert_eq!(
+        reply.dest,
+        Destination::Unicast(src),
+        "4011 replies go to the source"
+    );
     let p = DhcpPacket::decode(&reply.payload).unwrap();
     assert_eq!(p.message_type(), Some(MessageType::Ack));
     assert_eq!(p.file, b"snponly.efi");
@@ -221,9 +242,13 @@ fn boot_options_66_67_only_when_requested() {
     let mut e = engine(DhcpMode::Proxy);
     let mut c = Client::edk2();
     c.prl = vec![1, 3, 6];
-    let p = DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
+    let p =
+        DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
     assert!(p.options.get(66).is_none() && p.options.get(67).is_none());
-    assert_eq!(p.file, b"snponly.efi", "the header always has the file (Q1)");
+    assert_eq!(
+        p.file, b"snponly.efi",
+        "the header always has the file (Q1)"
+    );
 }
 
 #[test]
@@ -232,7 +257,8 @@ fn http_boot_client_gets_url_and_httpclient() {
     let mut c = Client::edk2();
     c.arch = Some(16);
     c.vendor = Some("HTTPClient:Arch:00016:UNDI:003000");
-    let p = DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
+    let p =
+        DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
     assert_eq!(p.options.get(60), Some(&b"HTTPClient"[..]));
     assert_eq!(p.file, b"http://10.0.0.1:8080/snponly.efi");
 }
@@ -249,7 +275,11 @@ fn full_mode_cycle_commits_before_ack() {
     assert!(subnet([10, 0, 0, 0]).contains(ip));
     assert_eq!(p.options.get(1), Some(&[255, 255, 255, 0][..]));
     assert_eq!(p.options.get(51), Some(&3600u32.to_be_bytes()[..]));
-    assert_eq!(p.options.get(43), Some(&[6, 1, 8, 255][..]), "EDK2 full mode: 43 {{6: 8}}");
+    assert_eq!(
+        p.options.get(43),
+        Some(&[6, 1, 8, 255][..]),
+        "EDK2 full mode: 43 {{6: 8}}"
+    );
     assert_eq!(p.file, b"snponly.efi");
     assert!(matches!(reply.dest, Destination::UnicastToHardware { .. }));
 
@@ -284,8 +314,13 @@ fn full_mode_cycle_commits_before_ack() {
 #[test]
 fn full_mode_ipxe_gets_no_pxedhcp() {
     let mut e = engine(DhcpMode::Full);
-    let p = DhcpPacket::decode(&send(&mut e, &Client::bios_ipxe().packet(), Port::Dhcp).reply.unwrap().payload)
-        .unwrap();
+    let p = DhcpPacket::decode(
+        &send(&mut e, &Client::bios_ipxe().packet(), Port::Dhcp)
+            .reply
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
     let opt175 = p.options.get(175).expect("175 for iPXE");
     assert!(opt175.windows(3).any(|w| w == [176, 1, 1]), "{opt175:?}");
 }
@@ -293,8 +328,13 @@ fn full_mode_ipxe_gets_no_pxedhcp() {
 #[test]
 fn full_mode_plain_client_gets_address_without_boot_data() {
     let mut e = engine(DhcpMode::Full);
-    let p = DhcpPacket::decode(&send(&mut e, &Client::plain().packet(), Port::Dhcp).reply.unwrap().payload)
-        .unwrap();
+    let p = DhcpPacket::decode(
+        &send(&mut e, &Client::plain().packet(), Port::Dhcp)
+            .reply
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
     assert!(!p.yiaddr.is_unspecified());
     assert!(p.file.is_empty() && p.options.get(60).is_none() && p.siaddr.is_unspecified());
 }
@@ -311,7 +351,11 @@ fn relayed_requests_use_the_relay_subnet_and_go_back_to_the_relay() {
         Destination::Unicast(SocketAddrV4::new(Ipv4Addr::new(10, 9, 0, 1), SERVER_PORT))
     );
     let offer = DhcpPacket::decode(&reply.payload).unwrap();
-    assert!(subnet([10, 9, 0, 0]).contains(offer.yiaddr), "{}", offer.yiaddr);
+    assert!(
+        subnet([10, 9, 0, 0]).contains(offer.yiaddr),
+        "{}",
+        offer.yiaddr
+    );
     assert_eq!(offer.giaddr, Ipv4Addr::new(10, 9, 0, 1));
 }
 
@@ -320,7 +364,10 @@ fn broadcast_flag_is_honoured() {
     let mut e = engine(DhcpMode::Full);
     let mut p = Client::plain().packet();
     p.flags = 0x8000;
-    assert_eq!(send(&mut e, &p, Port::Dhcp).reply.unwrap().dest, Destination::Broadcast);
+    assert_eq!(
+        send(&mut e, &p, Port::Dhcp).reply.unwrap().dest,
+        Destination::Broadcast
+    );
 }
 
 #[test]
@@ -342,7 +389,8 @@ fn release_and_decline_remove_leases() {
     assert!(matches!(out.lease, Some(LeaseChange::Remove(_))));
     assert!(out.reply.is_none());
     // The quarantined address is not offered again.
-    let again = DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
+    let again =
+        DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap();
     assert_ne!(again.yiaddr, ip);
 }
 
@@ -360,7 +408,10 @@ mod fixture_tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{}/tests/fixtures/dhcp/{name}.bin", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/dhcp/{name}.bin",
+            env!("CARGO_MANIFEST_DIR")
+        );
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
@@ -371,7 +422,9 @@ mod fixture_tests {
             src: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 150), CLIENT_PORT),
             ..rx(&bytes, port)
         });
-        let reply = out.reply.unwrap_or_else(|| panic!("no reply to {name}: {:?}", out.events));
+        let reply = out
+            .reply
+            .unwrap_or_else(|| panic!("no reply to {name}: {:?}", out.events));
         DhcpPacket::decode(&reply.payload).unwrap()
     }
 
@@ -434,8 +487,16 @@ mod fixture_tests {
             i += 2 + usize::from(payload[i + 1]);
         }
         assert_eq!(&codes[..2], &[53, 54]);
-        let in_prl: Vec<u8> = codes[2..].iter().copied().filter(|c| prl.contains(c)).collect();
-        let expected: Vec<u8> = prl.iter().copied().filter(|c| codes.contains(c) && *c != 53 && *c != 54).collect();
+        let in_prl: Vec<u8> = codes[2..]
+            .iter()
+            .copied()
+            .filter(|c| prl.contains(c))
+            .collect();
+        let expected: Vec<u8> = prl
+            .iter()
+            .copied()
+            .filter(|c| codes.contains(c) && *c != 53 && *c != 54)
+            .collect();
         assert_eq!(in_prl, expected);
     }
 }
