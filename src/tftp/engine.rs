@@ -185,6 +185,17 @@ pub fn negotiate(req: &Request, len: u64, limits: &Limits) -> Negotiated {
     let blk_cap = limits.blksize_max.clamp(BLKSIZE_MIN, BLKSIZE_MAX);
     let win_cap = limits.windowsize_max.clamp(1, WINDOW_HARD_MAX);
     for (name, value) in &req.options {
+        // RFC 2349 section 4: the client sends tsize 0 in a RRQ, but the value carries no
+        // meaning and atftp sends the word `enable`; any value asks for the size.
+        if name == "tsize" {
+            // Octet mode only: in netascii the size on the wire is not the file size. An empty
+            // file gets no tsize: curl 7.88 rejects `tsize 0` in an OACK as invalid.
+            if req.mode == Mode::Octet && len > 0 {
+                n.tsize = true;
+                n.oack.push((name.clone(), len.to_string()));
+            }
+            continue;
+        }
         let Some(v) = number(value) else { continue };
         match name.as_str() {
             // RFC 2348: a value outside 8..=65464 is not a valid request; ignore it. A larger
@@ -193,12 +204,6 @@ pub fn negotiate(req: &Request, len: u64, limits: &Limits) -> Negotiated {
                 let granted = u16::try_from(v).unwrap_or(BLKSIZE_MAX).min(blk_cap);
                 n.blksize = granted;
                 n.oack.push((name.clone(), granted.to_string()));
-            }
-            // RFC 2349 section 4: tsize is answered with the size, in octet mode only (in
-            // netascii the size on the wire is not the file size).
-            "tsize" if req.mode == Mode::Octet => {
-                n.tsize = true;
-                n.oack.push((name.clone(), len.to_string()));
             }
             // RFC 2349 section 3: the server must use the timeout or not acknowledge it.
             "timeout" if TIMEOUT_OPTION_RANGE.contains(&v) => {

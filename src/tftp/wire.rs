@@ -199,7 +199,7 @@ fn parse_options(fields: &[&[u8]]) -> Result<Vec<(String, String)>, WireError> {
                     out.push((name, value));
                 }
             }
-            [last] if last.is_empty() => {}
+            [[]] => {}
             _ => return Err(WireError::BadOptions),
         }
     }

@@ -27,15 +27,15 @@ struct Faults {
 impl Faults {
     fn apply(&self, n: &mut usize, pkt: Vec<u8>, queue: &mut VecDeque<Vec<u8>>) {
         *n += 1;
-        if self.drop_every > 0 && *n % self.drop_every == 0 {
+        if self.drop_every > 0 && (*n).is_multiple_of(self.drop_every) {
             return;
         }
-        if self.swap_every > 0 && *n % self.swap_every == 0 && !queue.is_empty() {
+        if self.swap_every > 0 && (*n).is_multiple_of(self.swap_every) && !queue.is_empty() {
             let last = queue.len() - 1;
             queue.insert(last, pkt);
             return;
         }
-        if self.dup_every > 0 && *n % self.dup_every == 0 {
+        if self.dup_every > 0 && (*n).is_multiple_of(self.dup_every) {
             queue.push_back(pkt.clone());
         }
         queue.push_back(pkt);
@@ -308,9 +308,8 @@ fn timeout_resends_the_window_then_gives_up() {
     assert_eq!(t.on_packet(&wire::encode_ack(2), t0).len(), 4);
     // Too early: nothing.
     assert!(t.on_timer(t0 + Duration::from_millis(10)).is_empty());
-    let mut now = t0;
     for _ in 0..limits.max_retries {
-        now = t.next_deadline().unwrap();
+        let now = t.next_deadline().unwrap();
         let out = t.on_timer(now);
         let blocks: Vec<u16> = out
             .iter()
@@ -321,7 +320,7 @@ fn timeout_resends_the_window_then_gives_up() {
             .collect();
         assert_eq!(blocks, vec![3, 4, 5, 6]);
     }
-    now = t.next_deadline().unwrap();
+    let now = t.next_deadline().unwrap();
     let out = t.on_timer(now);
     assert!(matches!(out.first(), Some(Output::Send(Datagram::Bytes(b))) if b[1] == 5));
     assert!(
@@ -439,10 +438,16 @@ fn only_requested_and_supported_options_are_acknowledged() {
         ("timeout", "256"),
         ("windowsize", "0"),
         ("windowsize", "65536"),
-        ("tsize", "18446744073709551616"),
     ] {
         let n = negotiate(&rrq("octet", &[(name, value)]), 10, &limits);
         assert!(n.oack.is_empty(), "{name}={value}");
+    }
+    // Any tsize value asks for the size (atftp sends `enable`); an empty file gets none.
+    for value in ["0", "enable", "18446744073709551616"] {
+        let n = negotiate(&rrq("octet", &[("tsize", value)]), 10, &limits);
+        assert_eq!(n.oack, vec![("tsize".into(), "10".into())], "{value}");
+        let n = negotiate(&rrq("octet", &[("tsize", value)]), 0, &limits);
+        assert!(n.oack.is_empty());
     }
     // Netascii: no tsize, lock-step.
     let n = negotiate(
