@@ -1,6 +1,19 @@
 //! TFTP (RFC 1350, 2347, 2348, 2349, 7440): a sans-IO engine and its tokio server.
+//!
+//! - [`wire`]: packet parsing and encoding.
+//! - [`engine`]: one read transfer as a pure state machine (virtual time in tests).
+//! - [`fs`]: where files come from: [`fs::FileSource`], the confined [`fs::RootSource`] and the
+//!   shared read cache.
+//! - [`server`]: sockets, one task per transfer, limits, events. [`server::serve`] is the entry.
+
+use std::path::PathBuf;
 
 use serde::Deserialize;
+
+pub mod engine;
+pub mod fs;
+pub mod server;
+pub mod wire;
 
 /// `[tftp]`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -14,6 +27,26 @@ pub struct TftpConfig {
     pub blksize_max: Option<u16>,
     /// Largest windowsize granted (RFC 7440); tftp-hpa breaks above 64.
     pub windowsize_max: u16,
+    /// Match file names case-insensitively when the exact name does not exist (Windows-made
+    /// trees asked for by firmware with different case).
+    pub case_insensitive: bool,
+    /// Directories (relative to the root) searched for a file requested at the root that is not
+    /// there; shim asks for `grubx64.efi` at the root while it sits next to shim.
+    pub fallback_dirs: Vec<PathBuf>,
+    /// Transfers running at once, over all clients.
+    pub max_transfers: usize,
+    /// Transfers running at once from one client address.
+    pub max_transfers_per_client: usize,
+    /// Retransmission timeout in milliseconds when the client asks for none.
+    pub timeout_ms: u64,
+    /// Retransmissions of one packet before a transfer is abandoned.
+    pub max_retries: u32,
+    /// A transfer must finish within this many seconds.
+    pub transfer_deadline_secs: u64,
+    /// Bytes of whole files kept in memory for boot storms.
+    pub cache_bytes: u64,
+    /// Files larger than this are read from disk per window instead of cached.
+    pub cache_file_max: u64,
 }
 
 impl Default for TftpConfig {
@@ -23,6 +56,15 @@ impl Default for TftpConfig {
             port: 69,
             blksize_max: None,
             windowsize_max: 64,
+            case_insensitive: false,
+            fallback_dirs: Vec::new(),
+            max_transfers: 256,
+            max_transfers_per_client: 8,
+            timeout_ms: 1000,
+            max_retries: 5,
+            transfer_deadline_secs: 600,
+            cache_bytes: 256 << 20,
+            cache_file_max: 32 << 20,
         }
     }
 }

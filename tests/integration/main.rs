@@ -4,3 +4,4 @@
 mod support;
 
 mod dhcp_proxy;
+mod tftp;

@@ -1,0 +1,769 @@
+//! TFTP against real clients (tftp-hpa, atftp, curl) on loopback, plus a hostile-input suite
+//! that plants a secret next to the root and proves it is never served.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdp};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pxed::events::{BootEvent, EventBus};
+use pxed::mac::MacAddr;
+use pxed::stage::BootStage;
+use pxed::tftp::TftpConfig;
+use pxed::tftp::server::{self, TftpServer};
+use pxed::tftp::wire::{self, Packet};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &[u8] = b"TOP-SECRET-MUST-NEVER-BE-SERVED";
+const CLIENT_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+/// A real client must finish a small transfer on loopback well within this.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+struct Lab {
+    addr: SocketAddr,
+    /// tmp/ holds secret.txt; tmp/root is served.
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    stop: CancellationToken,
+    events: broadcast::Receiver<BootEvent>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Lab {
+    async fn start(config: TftpConfig) -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("secret.txt"), SECRET).unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret.txt"), SECRET).unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+        std::fs::create_dir_all(root.join("EFI/BOOT")).unwrap();
+        std::fs::write(root.join("hello.txt"), b"hello from pxed\n").unwrap();
+        std::fs::write(root.join("EFI/BOOT/grubx64.efi"), noise(3000, 9)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret.txt"), root.join("secret-link"))
+            .unwrap();
+        std::os::unix::fs::symlink("../../secret.txt", root.join("sub/rel-link")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("passwd")).unwrap();
+        let bus = EventBus::new();
+        let events = bus.subscribe();
+        let files = server::root_source(&config, root.clone()).unwrap();
+        let lookup: server::MacLookup =
+            Arc::new(|ip: IpAddr| ip.is_loopback().then_some(CLIENT_MAC));
+        let srv = TftpServer::bind(config, "127.0.0.1:0".parse().unwrap(), files, bus, lookup)
+            .await
+            .unwrap();
+        let addr = srv.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(srv.run(stop.clone()));
+        Lab {
+            addr,
+            _tmp: tmp,
+            root,
+            stop,
+            events,
+        }
+    }
+
+    fn put(&self, name: &str, data: &[u8]) {
+        let path = self.root.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+
+    /// Wait (with a deadline) for an event of `stage` whose detail contains `needle`.
+    async fn wait_event(&mut self, stage: BootStage, needle: &str) -> BootEvent {
+        let deadline = tokio::time::Instant::now() + CLIENT_DEADLINE;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {stage} event with `{needle}`"))
+                .unwrap();
+            if ev.stage == stage && ev.detail.contains(needle) {
+                return ev;
+            }
+        }
+    }
+}
+
+/// Run a client command with a deadline; returns (success, stdout+stderr).
+async fn run_client(program: &str, args: &[String], cwd: &Path) -> (bool, String) {
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let out = tokio::time::timeout(CLIENT_DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish"))
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+fn assert_file(path: &Path, want: &[u8], what: &str) {
+    let got = std::fs::read(path).unwrap_or_else(|e| panic!("{what}: no output file: {e}"));
+    assert!(
+        got == want,
+        "{what}: got {} bytes, want {} (first difference at {:?})",
+        got.len(),
+        want.len(),
+        got.iter().zip(want).position(|(a, b)| a != b)
+    );
+}
+
+fn test_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("empty.bin", Vec::new()),
+        ("one.bin", noise(1, 1)),
+        ("exact512.bin", noise(512 * 20, 2)),
+        ("exact1468.bin", noise(1468 * 7, 3)),
+        ("odd.bin", noise(1_000_003, 4)),
+        ("sub/deeper/nested.efi", noise(70_001, 5)),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tftp_hpa_downloads_byte_exact() {
+    let mut lab = Lab::start(TftpConfig::default()).await;
+    let out = tempfile::tempdir().unwrap();
+    let port = lab.addr.port().to_string();
+    for (name, data) in test_files() {
+        lab.put(name, &data);
+        let local = out.path().join("out.bin");
+        let _ = std::fs::remove_file(&local);
+        let args = vec![
+            s("-m"),
+            s("binary"),
+            s("127.0.0.1"),
+            port.clone(),
+            s("-c"),
+            s("get"),
+            s(name),
+            local.display().to_string(),
+        ];
+        let (_, text) = run_client("tftp", &args, out.path()).await;
+        assert_file(&local, &data, &format!("tftp-hpa {name}: {text}"));
+        let ev = lab.wait_event(BootStage::TftpComplete, name).await;
+        assert_eq!(ev.mac, CLIENT_MAC);
+        assert!(
+            ev.detail.contains(&format!("bytes={}", data.len())),
+            "{}",
+            ev.detail
+        );
+    }
+    // Netascii: the client turns CR LF back into LF, so a Unix text file round-trips.
+    let text = b"line one\nline two\n\nlast line without newline".to_vec();
+    lab.put("text.cfg", &text);
+    let local = out.path().join("text.out");
+    let args = vec![
+        s("-m"),
+        s("ascii"),
+        s("127.0.0.1"),
+        port.clone(),
+        s("-c"),
+        s("get"),
+        s("text.cfg"),
+        local.display().to_string(),
+    ];
+    let (_, msg) = run_client("tftp", &args, out.path()).await;
+    assert_file(&local, &text, &format!("tftp-hpa netascii: {msg}"));
+    // A missing file: the client reports the server's error.
+    let args = vec![
+        s("-m"),
+        s("binary"),
+        s("127.0.0.1"),
+        port,
+        s("-c"),
+        s("get"),
+        s("missing.bin"),
+        out.path().join("missing").display().to_string(),
+    ];
+    let (_, msg) = run_client("tftp", &args, out.path()).await;
+    assert!(msg.contains("not found"), "{msg}");
+    lab.wait_event(BootStage::TftpError, "missing.bin").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atftp_downloads_across_blksize_and_windowsize() {
+    let mut lab = Lab::start(TftpConfig::default()).await;
+    let out = tempfile::tempdir().unwrap();
+    let port = lab.addr.port().to_string();
+    for (name, data) in test_files() {
+        lab.put(name, &data);
+    }
+    for blksize in ["512", "1468", "8192"] {
+        for windowsize in [None, Some("4"), Some("16"), Some("64")] {
+            for (name, data) in test_files() {
+                let local = out.path().join("out.bin");
+                let _ = std::fs::remove_file(&local);
+                let mut args = vec![
+                    s("-g"),
+                    s("-r"),
+                    s(name),
+                    s("-l"),
+                    local.display().to_string(),
+                    s("--option"),
+                    format!("blksize {blksize}"),
+                    s("--option"),
+                    s("tsize enable"),
+                ];
+                if let Some(w) = windowsize {
+                    args.push(s("--option"));
+                    args.push(format!("windowsize {w}"));
+                }
+                args.push(s("127.0.0.1"));
+                args.push(port.clone());
+                let (_, text) = run_client("atftp", &args, out.path()).await;
+                let what = format!("atftp {name} blksize {blksize} window {windowsize:?}: {text}");
+                assert_file(&local, &data, &what);
+                let ev = lab.wait_event(BootStage::TftpOack, name).await;
+                assert!(
+                    ev.detail.contains(&format!("blksize={blksize}")),
+                    "{what} {}",
+                    ev.detail
+                );
+                assert!(
+                    data.is_empty() || ev.detail.contains(&format!("tsize={}", data.len())),
+                    "{what} {}",
+                    ev.detail
+                );
+                if let Some(w) = windowsize {
+                    assert!(
+                        ev.detail.contains(&format!("windowsize={w}")),
+                        "{}",
+                        ev.detail
+                    );
+                }
+                lab.wait_event(BootStage::TftpComplete, name).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_downloads_across_blksize() {
+    let mut lab = Lab::start(TftpConfig::default()).await;
+    let out = tempfile::tempdir().unwrap();
+    for (name, data) in test_files() {
+        lab.put(name, &data);
+    }
+    for blksize in ["512", "1468", "8192"] {
+        for (name, data) in test_files() {
+            let local = out.path().join("out.bin");
+            let _ = std::fs::remove_file(&local);
+            let args = vec![
+                s("-sS"),
+                s("--tftp-blksize"),
+                s(blksize),
+                s("-o"),
+                local.display().to_string(),
+                format!("tftp://{}/{name}", lab.addr),
+            ];
+            let (ok, text) = run_client("curl", &args, out.path()).await;
+            let what = format!("curl {name} blksize {blksize}: {text}");
+            assert!(ok, "{what}");
+            assert_file(&local, &data, &what);
+            lab.wait_event(BootStage::TftpComplete, name).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_file_rolls_over_block_numbers_with_real_clients() {
+    // 40 MiB at blksize 512 is 81 921 blocks: the block number wraps past 65535.
+    let mut lab = Lab::start(TftpConfig::default()).await;
+    let data = noise(40 << 20, 77);
+    lab.put("big.img", &data);
+    let out = tempfile::tempdir().unwrap();
+    let local = out.path().join("big.out");
+    let args = vec![
+        s("-sS"),
+        s("--tftp-blksize"),
+        s("512"),
+        s("-o"),
+        local.display().to_string(),
+        format!("tftp://{}/big.img", lab.addr),
+    ];
+    let (ok, text) = run_client("curl", &args, out.path()).await;
+    assert!(ok, "curl: {text}");
+    assert_file(&local, &data, "curl big.img");
+    let ev = lab.wait_event(BootStage::TftpComplete, "big.img").await;
+    eprintln!("curl 40 MiB blksize 512: {}", ev.detail);
+    // atftp with a window, also past the wrap.
+    std::fs::remove_file(&local).unwrap();
+    let args = vec![
+        s("-g"),
+        s("-r"),
+        s("big.img"),
+        s("-l"),
+        local.display().to_string(),
+        s("--option"),
+        s("blksize 512"),
+        s("--option"),
+        s("windowsize 16"),
+        s("127.0.0.1"),
+        lab.addr.port().to_string(),
+    ];
+    let (_, text) = run_client("atftp", &args, out.path()).await;
+    assert_file(&local, &data, &format!("atftp big.img: {text}"));
+    let ev = lab.wait_event(BootStage::TftpComplete, "big.img").await;
+    eprintln!("atftp 40 MiB blksize 512 window 16: {}", ev.detail);
+}
+
+/// A minimal raw client for the hostile suite.
+struct Raw {
+    sock: StdUdp,
+    server: SocketAddr,
+}
+
+impl Raw {
+    fn new(server: SocketAddr) -> Raw {
+        let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Raw { sock, server }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        self.sock.send_to(bytes, self.server).unwrap();
+    }
+
+    fn recv(&self) -> (Vec<u8>, SocketAddr) {
+        let mut buf = vec![0u8; 70_000];
+        let (n, from) = self
+            .sock
+            .recv_from(&mut buf)
+            .expect("no reply from the server");
+        buf.truncate(n);
+        (buf, from)
+    }
+}
+
+/// Send `junk` then a valid RRQ for hello.txt. The listener handles packets in order, so the
+/// first reply tells whether the junk was answered (an ERROR from the request port) or dropped
+/// (the first reply is hello.txt's DATA from a transfer port).
+fn junk_then_probe(server: SocketAddr, junk: &[u8]) -> Option<(u16, String)> {
+    let raw = Raw::new(server);
+    raw.send(junk);
+    raw.send(&wire::encode_request(false, "hello.txt", "octet", &[]));
+    let mut answer = None;
+    loop {
+        let (pkt, from) = raw.recv();
+        match wire::parse(&pkt).unwrap() {
+            Packet::Error(code, msg) if from == server => {
+                answer = Some((code, msg));
+            }
+            Packet::Data(1, payload) => {
+                assert_eq!(payload, b"hello from pxed\n");
+                raw.sock.send_to(&wire::encode_ack(1), from).unwrap();
+                return answer;
+            }
+            other => panic!("unexpected reply to junk {junk:?}: {other:?}"),
+        }
+    }
+}
+
+fn traversal_corpus() -> Vec<String> {
+    let targets = [
+        "secret.txt",
+        "outside/secret.txt",
+        "root/../secret.txt",
+        "etc/passwd",
+    ];
+    let prefixes = [
+        "../",
+        "..\\",
+        "/../",
+        "\\..\\",
+        "./../",
+        "sub/../../",
+        "sub/deeper/../../../",
+        "..//",
+        "../../../../../../../../",
+        "..\\..\\..\\",
+        "/..\\../",
+        "hello.txt/../../",
+        "escape/../../",
+        "EFI/BOOT/../../../",
+    ];
+    let mut corpus: Vec<String> = Vec::new();
+    for p in prefixes {
+        for t in targets {
+            corpus.push(format!("{p}{t}"));
+        }
+    }
+    for extra in [
+        "escape/secret.txt",
+        "escape\\secret.txt",
+        "/escape/secret.txt",
+        "escape/./secret.txt",
+        "escape//secret.txt",
+        "ESCAPE/secret.txt",
+        "secret-link",
+        "/secret-link",
+        "sub/rel-link",
+        "sub\\rel-link",
+        "passwd",
+        "/passwd",
+        "/etc/passwd",
+        "/proc/self/environ",
+        "/proc/self/root/etc/passwd",
+        "..",
+        "../",
+        ".",
+        "/",
+        "\\",
+        "//",
+        "sub",
+        "sub/",
+        "%2e%2e%2fsecret.txt",
+        "%2e%2e/secret.txt",
+        "..%2fsecret.txt",
+        "..%5csecret.txt",
+        "%252e%252e%252fsecret.txt",
+        "....//secret.txt",
+        "....\\\\secret.txt",
+        ".../secret.txt",
+        "..;/secret.txt",
+        "..\u{2215}secret.txt",
+        "..\u{2044}secret.txt",
+        "\u{ff0e}\u{ff0e}/secret.txt",
+        "\u{ff0e}\u{ff0e}\u{ff0f}secret.txt",
+        "..\u{ff3c}secret.txt",
+        "\u{202e}txt.terces/..",
+        "\u{00e9}t\u{00e9}/../../secret.txt",
+        "../\u{0000}hello.txt",
+        "hello.txt\u{0000}../secret.txt",
+        "../secret.txt\u{0000}",
+        "\u{0001}../secret.txt",
+        "hello.txt\n../secret.txt",
+        "C:\\..\\secret.txt",
+        "C:/../secret.txt",
+        "file:///etc/passwd",
+        "tftp://127.0.0.1/../secret.txt",
+        "~/secret.txt",
+        "~root/.bashrc",
+        "$HOME/secret.txt",
+        "`cat /etc/passwd`",
+        "*",
+        "?ecret.txt",
+        "sub/rel-link/../secret.txt",
+        "escape/../../secret.txt",
+        "../root/../secret.txt",
+        "./././../secret.txt",
+    ] {
+        corpus.push(extra.to_string());
+    }
+    corpus.push("a/".repeat(600) + "secret.txt");
+    corpus.push("x".repeat(256));
+    corpus.push("../".repeat(300) + "secret.txt");
+    corpus.push(format!("{}/../../secret.txt", "\u{1f600}".repeat(70)));
+    corpus
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_paths_never_escape_the_root() {
+    let mut lab = Lab::start(TftpConfig {
+        case_insensitive: true,
+        fallback_dirs: vec![PathBuf::from("EFI/BOOT")],
+        ..TftpConfig::default()
+    })
+    .await;
+    let corpus = traversal_corpus();
+    assert!(corpus.len() >= 100, "corpus has only {}", corpus.len());
+    let server = lab.addr;
+    let results = tokio::task::spawn_blocking(move || {
+        let mut results = Vec::new();
+        for path in corpus {
+            let raw = Raw::new(server);
+            // Build the RRQ by hand so NULs inside the name reach the wire as they are.
+            let mut rrq = vec![0, 1];
+            rrq.extend_from_slice(path.as_bytes());
+            rrq.extend_from_slice(b"\0octet\0");
+            raw.send(&rrq);
+            let (pkt, _) = raw.recv();
+            let parsed = wire::parse(&pkt).unwrap();
+            match &parsed {
+                Packet::Error(code, _) => results.push((path, *code)),
+                Packet::Data(..) => {
+                    assert!(
+                        !pkt.windows(SECRET.len()).any(|w| w == SECRET),
+                        "SECRET served for {path:?}"
+                    );
+                    panic!("{path:?} was served: {parsed:?}");
+                }
+                other => panic!("{path:?}: unexpected {other:?}"),
+            }
+        }
+        results
+    })
+    .await
+    .unwrap();
+    for (path, code) in &results {
+        // 1 file not found, 2 access violation, 4 malformed (NUL splits the name from the mode).
+        assert!(
+            matches!(code, 1 | 2 | 4),
+            "{path:?} answered with ERROR {code}"
+        );
+    }
+    // The fallback dir and case-insensitivity work for legitimate names...
+    let server = lab.addr;
+    tokio::task::spawn_blocking(move || {
+        for name in ["grubx64.efi", "GRUBX64.EFI", "/efi/boot/grubx64.efi"] {
+            let raw = Raw::new(server);
+            raw.send(&wire::encode_request(false, name, "octet", &[]));
+            let (pkt, _) = raw.recv();
+            assert!(
+                matches!(wire::parse(&pkt).unwrap(), Packet::Data(1, p) if p.len() == 512),
+                "{name}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    // ...and the server is still up for a normal transfer.
+    let out = tempfile::tempdir().unwrap();
+    let local = out.path().join("hello");
+    let args = vec![
+        s("-sS"),
+        s("-o"),
+        local.display().to_string(),
+        format!("tftp://{}/hello.txt", lab.addr),
+    ];
+    let (ok, text) = run_client("curl", &args, out.path()).await;
+    assert!(ok, "{text}");
+    assert_file(&local, b"hello from pxed\n", "after the hostile corpus");
+    lab.wait_event(BootStage::TftpComplete, "hello.txt").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_get_the_right_answer_or_none() {
+    let lab = Lab::start(TftpConfig::default()).await;
+    let server = lab.addr;
+    tokio::task::spawn_blocking(move || {
+        let long_opt = format!("{}\0{}\0", "o".repeat(200), "1");
+        let mut many = b"\x00\x01hello.txt\x00octet\x00".to_vec();
+        for i in 0..40 {
+            many.extend_from_slice(format!("opt{i}\0{i}\0").as_bytes());
+        }
+        // (packet, expected ERROR code or None for dropped)
+        let cases: Vec<(Vec<u8>, Option<u16>)> = vec![
+            (b"".to_vec(), None),
+            (b"\x00".to_vec(), None),
+            (b"\x00\x01".to_vec(), Some(4)),
+            (b"\x00\x01hello.txt".to_vec(), Some(4)),
+            (b"\x00\x01hello.txt\x00".to_vec(), Some(4)),
+            (b"\x00\x01hello.txt\x00octet".to_vec(), Some(4)),
+            (b"\x00\x01hello.txt\x00bogus\x00".to_vec(), Some(4)),
+            (b"\x00\x01hello.txt\x00mail\x00".to_vec(), Some(4)),
+            (b"\x00\x01\x00octet\x00".to_vec(), Some(4)),
+            (b"\x00\x01\xff\xfe\x80\x00octet\x00".to_vec(), Some(4)),
+            (
+                b"\x00\x01hello.txt\x00octet\x00blksize\x00".to_vec(),
+                Some(4),
+            ),
+            (b"\x00\x01hello.txt\x00octet\x00blksize".to_vec(), Some(4)),
+            (
+                [
+                    b"\x00\x01hello.txt\x00octet\x00".as_slice(),
+                    long_opt.as_bytes(),
+                ]
+                .concat(),
+                Some(4),
+            ),
+            (many, Some(4)),
+            (vec![0u8; 2000], Some(4)),
+            (
+                [b"\x00\x01".as_slice(), &vec![b'a'; 3000], b"\x00octet\x00"].concat(),
+                Some(4),
+            ),
+            (b"\x00\x02hello.txt\x00octet\x00".to_vec(), Some(2)),
+            (b"\x00\x03\x00\x01data".to_vec(), None),
+            (b"\x00\x04\x00\x01".to_vec(), None),
+            (b"\x00\x05\x00\x01oops\x00".to_vec(), None),
+            (b"\x00\x06blksize\x00512\x00".to_vec(), None),
+            (b"\x00\x07hello".to_vec(), Some(4)),
+            (b"\xff\xffhello".to_vec(), Some(4)),
+        ];
+        for (pkt, want) in cases {
+            let got = junk_then_probe(server, &pkt);
+            assert_eq!(got.as_ref().map(|(c, _)| *c), want, "{pkt:?}: {got:?}");
+        }
+        // Duplicate and absurd option values are tolerated: the request is served, and only
+        // sane options are acknowledged.
+        let o = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        for (opts, want) in [
+            (
+                vec![("blksize", "1024"), ("blksize", "9000")],
+                o(&[("blksize", "1024")]),
+            ),
+            (vec![("blksize", "99999999999999999999999999")], vec![]),
+            (
+                vec![
+                    ("blksize", "-5"),
+                    ("tsize", "18446744073709551616"),
+                    ("timeout", "0"),
+                ],
+                o(&[("tsize", "16")]),
+            ),
+            (
+                vec![("windowsize", "0"), ("blksize", "4"), ("timeout", "+1")],
+                vec![],
+            ),
+        ] {
+            let raw = Raw::new(server);
+            raw.send(&wire::encode_request(false, "hello.txt", "octet", &opts));
+            let (pkt, from) = raw.recv();
+            let first = wire::parse(&pkt).unwrap();
+            if want.is_empty() {
+                assert_eq!(first, Packet::Data(1, b"hello from pxed\n"), "{opts:?}");
+                raw.sock.send_to(&wire::encode_ack(1), from).unwrap();
+                continue;
+            }
+            assert_eq!(first, Packet::Oack(want), "{opts:?}");
+            raw.sock.send_to(&wire::encode_ack(0), from).unwrap();
+            let (pkt, _) = raw.recv();
+            assert_eq!(
+                wire::parse(&pkt).unwrap(),
+                Packet::Data(1, b"hello from pxed\n")
+            );
+            raw.sock.send_to(&wire::encode_ack(1), from).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edk2_probe_abort_and_strangers() {
+    let mut lab = Lab::start(TftpConfig::default()).await;
+    lab.put("snponly.efi", &noise(200_000, 11));
+    let server = lab.addr;
+    tokio::task::spawn_blocking(move || {
+        // EDK2's size probe: RRQ tsize=0 blksize=1468, OACK, ERROR 8.
+        let raw = Raw::new(server);
+        raw.send(&wire::encode_request(
+            false,
+            "snponly.efi",
+            "octet",
+            &[("tsize", "0"), ("blksize", "1468")],
+        ));
+        let (pkt, tid) = raw.recv();
+        assert_eq!(
+            wire::parse(&pkt).unwrap(),
+            Packet::Oack(vec![
+                ("tsize".into(), "200000".into()),
+                ("blksize".into(), "1468".into())
+            ])
+        );
+        raw.sock
+            .send_to(
+                &wire::encode_error(wire::ErrorCode::OptionNegotiation, "abort"),
+                tid,
+            )
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let ev = lab.wait_event(BootStage::TftpProbe, "snponly.efi").await;
+    assert!(ev.detail.contains("tsize=200000"), "{}", ev.detail);
+    assert_eq!(ev.mac, CLIENT_MAC);
+
+    // A stranger sending junk to a transfer port gets exactly one ERROR 5, and the transfer
+    // goes on; then the client aborts mid-transfer and the server stops at once.
+    let server = lab.addr;
+    tokio::task::spawn_blocking(move || {
+        let raw = Raw::new(server);
+        raw.send(&wire::encode_request(false, "snponly.efi", "octet", &[]));
+        let (pkt, tid) = raw.recv();
+        assert!(matches!(wire::parse(&pkt).unwrap(), Packet::Data(1, _)));
+        let stranger = StdUdp::bind("127.0.0.1:0").unwrap();
+        for _ in 0..5 {
+            stranger.send_to(&wire::encode_ack(1), tid).unwrap();
+        }
+        raw.sock.send_to(&wire::encode_ack(1), tid).unwrap();
+        let (pkt, _) = raw.recv();
+        assert!(matches!(wire::parse(&pkt).unwrap(), Packet::Data(2, _)));
+        // The transfer socket handled the stranger's packets before our ACK 1.
+        stranger.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 600];
+        let mut errors = 0;
+        while let Ok((n, _)) = stranger.recv_from(&mut buf) {
+            assert_eq!(
+                wire::parse(&buf[..n]).unwrap(),
+                Packet::Error(5, "unknown transfer ID".into())
+            );
+            errors += 1;
+        }
+        assert_eq!(errors, 1);
+        raw.sock
+            .send_to(
+                &wire::encode_error(wire::ErrorCode::Undefined, "user abort"),
+                tid,
+            )
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let ev = lab.wait_event(BootStage::TftpError, "snponly.efi").await;
+    assert!(
+        ev.detail.contains("client sent ERROR 0: user abort"),
+        "{}",
+        ev.detail
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_requests_are_refused_by_real_clients() {
+    let lab = Lab::start(TftpConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("up.bin"), b"upload").unwrap();
+    let args = vec![
+        s("-sS"),
+        s("-T"),
+        dir.path().join("up.bin").display().to_string(),
+        format!("tftp://{}/up.bin", lab.addr),
+    ];
+    let (ok, text) = run_client("curl", &args, dir.path()).await;
+    assert!(!ok, "upload must fail: {text}");
+    assert!(!lab.root.join("up.bin").exists());
+}
