@@ -57,6 +57,11 @@ impl Drop for Server {
 }
 
 async fn start() -> Server {
+    start_with(Ipv4Addr::LOCALHOST, POLICY).await
+}
+
+/// A server whose scripts point clients at `url_ip` (the address the client reaches us on).
+async fn start_with(url_ip: Ipv4Addr, policy_toml: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     std::fs::create_dir_all(root.join("linux")).unwrap();
@@ -67,10 +72,10 @@ async fn start() -> Server {
         .await
         .unwrap();
     let port = listener.local_addr().unwrap().port();
-    let cfg: PolicyConfig = toml::from_str(POLICY).unwrap();
+    let cfg: PolicyConfig = toml::from_str(policy_toml).unwrap();
     let policy = Arc::new(RwLock::new(cfg.validate().unwrap()));
     let server = ServerAddrs {
-        ip: Ipv4Addr::LOCALHOST,
+        ip: url_ip,
         http_port: port,
     };
     let bus = EventBus::new();
@@ -89,7 +94,7 @@ async fn start() -> Server {
         .unwrap();
     });
     Server {
-        base: server.http_base(),
+        base: format!("http://127.0.0.1:{port}"),
         bus,
         root,
         dir,
@@ -714,5 +719,131 @@ async fn large_sparse_file_is_streamed() {
     eprintln!(
         "range at 3 GiB: {range_time:?}; 1 GiB full download: {full_time:?} ({:.0} MB/s); peak RSS growth {grown_kib} KiB",
         (1u64 << 30) as f64 / 1e6 / full_time.as_secs_f64()
+    );
+}
+
+/// Kills QEMU when the test ends, passed or not.
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real iPXE (Debian's ipxe.lkrn under SeaBIOS, TCG) boots from pxed: DHCP from QEMU's user
+/// network hands it `boot.ipxe`, whose settings (`${netX/mac:hexhyp}`, `${platform}`,
+/// `${buildarch}`) must expand so that pxed recognises the machine, and the rendered script must
+/// parse far enough to download the kernel and the named initrd. The "kernel" is ipxe.lkrn
+/// itself, a bzImage iPXE accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ipxe_follows_the_scripts() {
+    const MAC: &str = "52:54:00:12:34:77";
+    const LKRN: &str = "/usr/lib/ipxe/ipxe.lkrn";
+    const UUID: &str = "8a3b1c2d-5e6f-4a7b-8c9d-0123456789ab";
+    // Only the machine with this SMBIOS UUID gets the kernel: proves `${uuid}` reaches pxed
+    // in the form policy matches on.
+    let policy = format!(
+        r#"
+[[profile]]
+name = "netboot"
+kernel = "bin/ipxe.lkrn"
+initrd = ["bin/extra.cpio"]
+cmdline = "console=ttyS0"
+
+[[profile]]
+name = "default"
+local = true
+
+[[group]]
+name = "by-uuid"
+profile = "netboot"
+match = {{ uuid = ["{UUID}"] }}
+"#
+    );
+    // QEMU's user network puts the host's loopback at 10.0.2.2 for the guest.
+    let s = start_with(Ipv4Addr::new(10, 0, 2, 2), &policy).await;
+    std::fs::create_dir_all(s.root.join("bin")).unwrap();
+    std::fs::copy(LKRN, s.root.join("bin/ipxe.lkrn")).unwrap();
+    std::fs::write(s.root.join("bin/extra.cpio"), pattern(4096)).unwrap();
+    let port = s.base.rsplit(':').next().unwrap().to_string();
+
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-serial", "none", "-monitor", "none", "-nodefaults"])
+        .args(["-kernel", LKRN, "-uuid", UUID])
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=n0,ipv6=off,restrict=off,bootfile=http://10.0.2.2:{port}/boot.ipxe"
+        ))
+        .args(["-device", &format!("e1000,netdev=n0,mac={MAC},romfile=")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let _qemu = Qemu(child);
+
+    let mac: MacAddr = MAC.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stages = timeline_stages(&s.bus, &mac);
+        if stages.contains(&BootStage::HttpInitrd) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "iPXE did not fetch the initrd; events so far: {:?}",
+            s.bus
+                .machines()
+                .iter()
+                .map(|m| s.bus.timeline(m))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let timeline = s.bus.timeline(&mac);
+    let stages: Vec<BootStage> = timeline.iter().map(|e| e.stage).take(3).collect();
+    assert_eq!(
+        stages,
+        [
+            BootStage::HttpScript,
+            BootStage::HttpKernel,
+            BootStage::HttpInitrd
+        ]
+    );
+    // iPXE said pcbios/i386, so pxed planned for x86 BIOS; the UUID group matched.
+    assert!(
+        timeline[0].detail.contains("x86 BIOS"),
+        "{}",
+        timeline[0].detail
+    );
+    assert!(
+        timeline[0]
+            .detail
+            .starts_with("profile netboot (group `by-uuid`"),
+        "{}",
+        timeline[0].detail
+    );
+    assert!(
+        timeline[1].detail.starts_with("/bin/ipxe.lkrn"),
+        "{}",
+        timeline[1].detail
+    );
+    assert!(
+        timeline[2]
+            .detail
+            .starts_with("/bin/extra.cpio (4096 bytes)"),
+        "{}",
+        timeline[2].detail
     );
 }
