@@ -3,7 +3,7 @@
 //! Server-Sent Events and metrics.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -732,23 +732,20 @@ impl Drop for Qemu {
     }
 }
 
-/// A real iPXE (Debian's ipxe.lkrn under SeaBIOS, TCG) boots from pxed: DHCP from QEMU's user
-/// network hands it `boot.ipxe`, whose settings (`${netX/mac:hexhyp}`, `${platform}`,
-/// `${buildarch}`) must expand so that pxed recognises the machine, and the rendered script must
-/// parse far enough to download the kernel and the named initrd. The "kernel" is ipxe.lkrn
-/// itself, a bzImage iPXE accepts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_ipxe_follows_the_scripts() {
-    const MAC: &str = "52:54:00:12:34:77";
-    const LKRN: &str = "/usr/lib/ipxe/ipxe.lkrn";
+/// A real iPXE boots from pxed: DHCP from QEMU's user network hands it `boot.ipxe`, whose
+/// settings (`${netX/mac:hexhyp}`, `${uuid}`, `${platform}`, `${buildarch}`) must expand so that
+/// pxed recognises the machine, and the rendered script must parse far enough to download the
+/// kernel and the named initrd. The "kernel" is the iPXE image itself, which iPXE accepts.
+async fn ipxe_boot(mac: &str, firmware: &[&str], ipxe_image: &str, arch_text: &str) {
     const UUID: &str = "8a3b1c2d-5e6f-4a7b-8c9d-0123456789ab";
+    let file = Path::new(ipxe_image).file_name().unwrap().to_str().unwrap();
     // Only the machine with this SMBIOS UUID gets the kernel: proves `${uuid}` reaches pxed
     // in the form policy matches on.
     let policy = format!(
         r#"
 [[profile]]
 name = "netboot"
-kernel = "bin/ipxe.lkrn"
+kernel = "bin/{file}"
 initrd = ["bin/extra.cpio"]
 cmdline = "console=ttyS0"
 
@@ -765,7 +762,7 @@ match = {{ uuid = ["{UUID}"] }}
     // QEMU's user network puts the host's loopback at 10.0.2.2 for the guest.
     let s = start_with(Ipv4Addr::new(10, 0, 2, 2), &policy).await;
     std::fs::create_dir_all(s.root.join("bin")).unwrap();
-    std::fs::copy(LKRN, s.root.join("bin/ipxe.lkrn")).unwrap();
+    std::fs::copy(ipxe_image, s.root.join("bin").join(file)).unwrap();
     std::fs::write(s.root.join("bin/extra.cpio"), pattern(4096)).unwrap();
     let port = s.base.rsplit(':').next().unwrap().to_string();
 
@@ -780,12 +777,13 @@ match = {{ uuid = ["{UUID}"] }}
             "-no-reboot",
         ])
         .args(["-serial", "none", "-monitor", "none", "-nodefaults"])
-        .args(["-kernel", LKRN, "-uuid", UUID])
+        .args(firmware)
+        .args(["-kernel", ipxe_image, "-uuid", UUID])
         .arg("-netdev")
         .arg(format!(
-            "user,id=n0,ipv6=off,restrict=off,bootfile=http://10.0.2.2:{port}/boot.ipxe"
+            "user,id=n0,ipv6=off,bootfile=http://10.0.2.2:{port}/boot.ipxe"
         ))
-        .args(["-device", &format!("e1000,netdev=n0,mac={MAC},romfile=")])
+        .args(["-device", &format!("e1000,netdev=n0,mac={mac},romfile=")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -793,13 +791,9 @@ match = {{ uuid = ["{UUID}"] }}
         .expect("qemu-system-x86_64");
     let _qemu = Qemu(child);
 
-    let mac: MacAddr = MAC.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let stages = timeline_stages(&s.bus, &mac);
-        if stages.contains(&BootStage::HttpInitrd) {
-            break;
-        }
+    let m: MacAddr = mac.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !timeline_stages(&s.bus, &m).contains(&BootStage::HttpInitrd) {
         assert!(
             Instant::now() < deadline,
             "iPXE did not fetch the initrd; events so far: {:?}",
@@ -811,7 +805,7 @@ match = {{ uuid = ["{UUID}"] }}
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let timeline = s.bus.timeline(&mac);
+    let timeline = s.bus.timeline(&m);
     let stages: Vec<BootStage> = timeline.iter().map(|e| e.stage).take(3).collect();
     assert_eq!(
         stages,
@@ -821,21 +815,14 @@ match = {{ uuid = ["{UUID}"] }}
             BootStage::HttpInitrd
         ]
     );
-    // iPXE said pcbios/i386, so pxed planned for x86 BIOS; the UUID group matched.
+    let script = &timeline[0].detail;
+    assert!(script.contains(arch_text), "{script}");
     assert!(
-        timeline[0].detail.contains("x86 BIOS"),
-        "{}",
-        timeline[0].detail
+        script.starts_with("profile netboot (group `by-uuid`"),
+        "{script}"
     );
     assert!(
-        timeline[0]
-            .detail
-            .starts_with("profile netboot (group `by-uuid`"),
-        "{}",
-        timeline[0].detail
-    );
-    assert!(
-        timeline[1].detail.starts_with("/bin/ipxe.lkrn"),
+        timeline[1].detail.starts_with(&format!("/bin/{file}")),
         "{}",
         timeline[1].detail
     );
@@ -846,4 +833,32 @@ match = {{ uuid = ["{UUID}"] }}
         "{}",
         timeline[2].detail
     );
+}
+
+/// Debian's ipxe.lkrn under SeaBIOS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ipxe_bios_follows_the_scripts() {
+    ipxe_boot(
+        "52:54:00:12:34:77",
+        &[],
+        "/usr/lib/ipxe/ipxe.lkrn",
+        "x86 BIOS",
+    )
+    .await;
+}
+
+/// Debian's ipxe.efi under OVMF (x64 UEFI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ipxe_uefi_follows_the_scripts() {
+    let vars = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars.path()).unwrap();
+    let code = "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".to_string();
+    let var = format!("if=pflash,format=raw,file={}", vars.path().display());
+    ipxe_boot(
+        "52:54:00:12:34:78",
+        &["-drive", &code, "-drive", &var],
+        "/usr/lib/ipxe/ipxe.efi",
+        "x64 UEFI",
+    )
+    .await;
 }
