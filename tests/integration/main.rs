@@ -4,4 +4,5 @@
 mod support;
 
 mod dhcp_proxy;
+mod http;
 mod tftp;

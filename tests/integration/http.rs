@@ -1,0 +1,864 @@
+//! pxed's HTTP server against the real `curl` (and busybox `wget` for phone-home): boot assets
+//! with ranges and conditional requests, path traversal, iPXE scripts, phone-home, the API,
+//! Server-Sent Events and metrics.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use pxed::events::EventBus;
+use pxed::http::{HttpConfig, HttpState};
+use pxed::mac::MacAddr;
+use pxed::policy::{PolicyConfig, ServerAddrs};
+use pxed::stage::BootStage;
+use tokio::io::AsyncReadExt;
+
+const POLICY: &str = r#"
+[[profile]]
+name = "default"
+kernel = "linux/vmlinuz"
+initrd = ["linux/initrd.img"]
+cmdline = "console=ttyS0"
+
+[[profile]]
+name = "disk"
+local = true
+
+[[group]]
+name = "menu-machines"
+profile = "menu"
+match = { mac = ["52:54:00:99"] }
+
+[[profile]]
+name = "menu"
+menu = [{ label = "Linux", profile = "default" }, { label = "Disk", profile = "disk" }]
+"#;
+
+const SECRET: &[u8] = b"TOP-SECRET-pxed-must-never-serve-this";
+const TOKEN: &str = "test-token-123";
+
+/// A running server on 127.0.0.1 with a temporary boot root; shuts down when dropped.
+struct Server {
+    base: String,
+    bus: EventBus,
+    root: PathBuf,
+    dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn start() -> Server {
+    start_with(Ipv4Addr::LOCALHOST, POLICY).await
+}
+
+/// A server whose scripts point clients at `url_ip` (the address the client reaches us on).
+async fn start_with(url_ip: Ipv4Addr, policy_toml: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("linux")).unwrap();
+    std::fs::write(dir.path().join("secret.txt"), SECRET).unwrap();
+    std::fs::write(root.join("linux/vmlinuz"), b"kernel-bytes").unwrap();
+    std::fs::write(root.join("linux/initrd.img"), b"initrd-bytes").unwrap();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg: PolicyConfig = toml::from_str(policy_toml).unwrap();
+    let policy = Arc::new(RwLock::new(cfg.validate().unwrap()));
+    let server = ServerAddrs {
+        ip: url_ip,
+        http_port: port,
+    };
+    let bus = EventBus::new();
+    let config = HttpConfig {
+        port,
+        api_token: Some(TOKEN.into()),
+        ..HttpConfig::default()
+    };
+    let state = HttpState::new(root.clone(), policy, server, bus.clone(), config);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        pxed::http::serve(listener, state, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    Server {
+        base: format!("http://127.0.0.1:{port}"),
+        bus,
+        root,
+        dir,
+        stop: Some(tx),
+    }
+}
+
+/// One curl run: status, response headers (lower-cased names), body.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Run curl with headers dumped to stderr and the body on stdout.
+async fn curl(args: &[&str]) -> Reply {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "30",
+            "-D",
+            "/dev/stderr",
+            "-o",
+            "-",
+        ])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stderr).into_owned();
+    // The last header block (curl prints one per response; we never follow redirects).
+    let block = head
+        .split("\r\n\r\n")
+        .filter(|b| b.starts_with("HTTP/"))
+        .last()
+        .unwrap_or_else(|| panic!("no HTTP response from curl {args:?}: {head}"));
+    let mut lines = block.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: out.stdout,
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    // A sequence where every slice differs from its neighbours (xorshift).
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_head_and_content_types() {
+    let s = start().await;
+    let data = pattern(1 << 20);
+    std::fs::write(s.root.join("snponly.efi"), &data).unwrap();
+    std::fs::write(s.root.join("disk.iso"), b"iso").unwrap();
+    std::fs::write(s.root.join("disk.img"), b"img").unwrap();
+    let url = format!("{}/snponly.efi", s.base);
+
+    let full = curl(&[&url]).await;
+    assert_eq!(full.status, 200);
+    assert_eq!(full.body, data);
+    assert_eq!(full.header("content-length"), Some("1048576"));
+    assert_eq!(full.header("content-type"), Some("application/efi"));
+    assert_eq!(full.header("accept-ranges"), Some("bytes"));
+
+    let part = curl(&["-r", "1000-4999", &url]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, &data[1000..5000]);
+    assert_eq!(
+        part.header("content-range"),
+        Some("bytes 1000-4999/1048576")
+    );
+    assert_eq!(part.header("content-length"), Some("4000"));
+
+    let tail = curl(&["-r", "-100", &url]).await;
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, &data[data.len() - 100..]);
+
+    let open = curl(&["-r", "1048000-", &url]).await;
+    assert_eq!(open.status, 206);
+    assert_eq!(open.body, &data[1_048_000..]);
+
+    let bad = curl(&["-r", "1048576-", &url]).await;
+    assert_eq!(bad.status, 416);
+    assert_eq!(bad.header("content-range"), Some("bytes */1048576"));
+    assert!(bad.body.is_empty());
+
+    let head = curl(&["-I", &url]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("1048576"));
+    // With -I curl writes the header block to stdout: nothing else may follow it.
+    assert!(head.text().starts_with("HTTP/1.1 200"), "{}", head.text());
+    assert!(
+        head.text().ends_with("\r\n\r\n") && head.body.len() < 1024,
+        "{}",
+        head.text()
+    );
+
+    for (file, ctype) in [
+        ("disk.iso", "application/vnd.efi-iso"),
+        ("disk.img", "application/vnd.efi-img"),
+        ("linux/vmlinuz", "application/octet-stream"),
+    ] {
+        let r = curl(&["-I", &format!("{}/{file}", s.base)]).await;
+        assert_eq!(r.header("content-type"), Some(ctype), "{file}");
+    }
+
+    // Directories are never listed.
+    for dir in ["/linux", "/linux/"] {
+        let r = curl(&[&format!("{}{dir}", s.base)]).await;
+        assert_eq!(r.status, 404, "{dir}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_get() {
+    let s = start().await;
+    let url = format!("{}/linux/vmlinuz", s.base);
+    let first = curl(&[&url]).await;
+    assert_eq!(first.status, 200);
+    let etag = first.header("etag").unwrap().to_string();
+    let modified = first.header("last-modified").unwrap().to_string();
+
+    let r = curl(&["-H", &format!("If-None-Match: {etag}"), &url]).await;
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+
+    let r = curl(&["-H", &format!("If-Modified-Since: {modified}"), &url]).await;
+    assert_eq!(r.status, 304);
+
+    let r = curl(&["-H", "If-None-Match: \"something-else\"", &url]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"kernel-bytes");
+
+    let r = curl(&[
+        "-H",
+        "If-Modified-Since: Thu, 01 Jan 1998 00:00:00 GMT",
+        &url,
+    ])
+    .await;
+    assert_eq!(r.status, 200);
+
+    // If-Range with a stale tag: the range is ignored, the whole file sent.
+    let r = curl(&["-r", "0-1", "-H", "If-Range: \"stale\"", &url]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"kernel-bytes");
+    let r = curl(&["-r", "0-1", "-H", &format!("If-Range: {etag}"), &url]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, b"ke");
+
+    // Rewriting the file changes the validator.
+    std::fs::write(s.root.join("linux/vmlinuz"), b"new-kernel-bytes!").unwrap();
+    let r = curl(&["-H", &format!("If-None-Match: {etag}"), &url]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"new-kernel-bytes!");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traversal_corpus_never_leaks() {
+    let s = start().await;
+    let outside = s.dir.path();
+    let secret = outside.join("secret.txt");
+    std::os::unix::fs::symlink(&secret, s.root.join("link-secret")).unwrap();
+    std::os::unix::fs::symlink(outside, s.root.join("link-out")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", s.root.join("linux/rel-link")).unwrap();
+    // A FIFO must not hang the request.
+    let fifo = std::ffi::CString::new(s.root.join("fifo").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let abs = secret.to_str().unwrap().trim_start_matches('/').to_string();
+
+    let mut corpus: Vec<String> = [
+        "/../secret.txt",
+        "/../../secret.txt",
+        "/linux/../../secret.txt",
+        "/./../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E/secret.txt",
+        "/%2e%2e%2fsecret.txt",
+        "/%2e%2e%2Fsecret.txt",
+        "/..%2fsecret.txt",
+        "/..%2Fsecret.txt",
+        "/.%2e/secret.txt",
+        "/%2e./secret.txt",
+        "/linux/%2e%2e/%2e%2e/secret.txt",
+        "/linux%2f..%2f..%2fsecret.txt",
+        "/%252e%252e/secret.txt",
+        "/%252e%252e%252fsecret.txt",
+        "/..%5csecret.txt",
+        "/..%5Csecret.txt",
+        "/%5c..%5csecret.txt",
+        "/linux\\..\\..\\secret.txt",
+        "/..\\secret.txt",
+        "/secret.txt%00.efi",
+        "/../secret.txt%00",
+        "/%00../secret.txt",
+        "/%c0%ae%c0%ae/secret.txt",
+        "/%c0%ae%c0%ae%c0%afsecret.txt",
+        "/%e0%80%ae%e0%80%ae/secret.txt",
+        "/..;/secret.txt",
+        "/....//secret.txt",
+        "/...//secret.txt",
+        "/..%00/secret.txt",
+        "/%2e%2e%00/secret.txt",
+        "/link-secret",
+        "/link-out/secret.txt",
+        "/link-out/root/linux/vmlinuz/../../../secret.txt",
+        "/linux/rel-link",
+        "/link-out/",
+        "/link-out",
+        "//secret.txt",
+        "/%2fsecret.txt",
+        "/%2f..%2fsecret.txt",
+        "/ipxe/../../secret.txt",
+        "/api/../../secret.txt",
+        "/boot.ipxe/../../secret.txt",
+        "/linux/vmlinuz/../../../secret.txt",
+        "/%",
+        "/%2",
+        "/%zz/secret.txt",
+        "/fifo",
+        "/linux",
+        "/.",
+        "/..",
+        "/%2e",
+        "/%2e%2e",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
+    corpus.push(format!("//{abs}"));
+    corpus.push(format!("/%2f{}", abs.replace('/', "%2f")));
+    corpus.push(format!("/../../../../../../../../../../{abs}"));
+    corpus.push(format!("/{}", "../".repeat(40) + &abs));
+    corpus.push(format!("/{}", "%2e%2e/".repeat(40) + &abs));
+    corpus.push(format!("/{}secret.txt", "a/".repeat(3000)));
+    assert!(corpus.len() >= 50, "{}", corpus.len());
+
+    for path in &corpus {
+        let url = format!("{}{path}", s.base);
+        for method in [&["--path-as-is"][..], &["--path-as-is", "-I"][..]] {
+            let mut args: Vec<&str> = method.to_vec();
+            args.push(&url);
+            let r = curl(&args).await;
+            assert!(
+                !r.text().contains(std::str::from_utf8(SECRET).unwrap()),
+                "{path} leaked the secret"
+            );
+            assert!(
+                matches!(r.status, 400 | 404),
+                "{path}: status {} (expected 400 or 404)",
+                r.status
+            );
+        }
+    }
+    // The server still serves real files afterwards.
+    let r = curl(&[&format!("{}/linux/vmlinuz", s.base)]).await;
+    assert_eq!(r.body, b"kernel-bytes");
+}
+
+fn timeline_stages(bus: &EventBus, mac: &MacAddr) -> Vec<BootStage> {
+    bus.timeline(mac).into_iter().map(|e| e.stage).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipxe_scripts_for_bios_uefi_and_arm64() {
+    let s = start().await;
+    let entry = curl(&[&format!("{}/boot.ipxe", s.base)]).await;
+    assert_eq!(entry.status, 200);
+    let text = entry.text();
+    assert!(text.starts_with("#!ipxe\n"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "chain {}/ipxe/script?mac=${{netX/mac:hexhyp}}&uuid=${{uuid}}&buildarch=${{buildarch}}&platform=${{platform}} || goto failed",
+            s.base
+        )),
+        "{text}"
+    );
+
+    let cases = [
+        ("52-54-00-00-00-01", "pcbios", "i386", false),
+        ("52-54-00-00-00-02", "efi", "x86_64", true),
+        ("52-54-00-00-00-03", "efi", "arm64", true),
+    ];
+    for (mac, platform, buildarch, uefi) in cases {
+        let url = format!(
+            "{}/ipxe/script?mac={mac}&uuid=8a3b1c2d-0000-4000-8000-0123456789ab&buildarch={buildarch}&platform={platform}",
+            s.base
+        );
+        let r = curl(&[&url]).await;
+        assert_eq!(r.status, 200);
+        let script = r.text();
+        let kernel = script
+            .lines()
+            .find(|l| l.starts_with("kernel "))
+            .unwrap_or_else(|| panic!("{script}"));
+        let kernel_url = format!("{}/linux/vmlinuz?mac={mac}&kind=kernel", s.base);
+        assert!(
+            kernel.starts_with(&format!("kernel {kernel_url} console=ttyS0")),
+            "{script}"
+        );
+        assert_eq!(
+            kernel.contains("initrd=initrd.img"),
+            uefi,
+            "{platform}/{buildarch}: {script}"
+        );
+        let initrd_url = format!("{}/linux/initrd.img?mac={mac}&kind=initrd", s.base);
+        assert!(
+            script.contains(&format!(
+                "initrd --name initrd.img {initrd_url} || goto failed"
+            )),
+            "{script}"
+        );
+
+        // Follow the script the way iPXE would: the files come back and are classified.
+        assert_eq!(curl(&[&kernel_url]).await.body, b"kernel-bytes");
+        assert_eq!(curl(&[&initrd_url]).await.body, b"initrd-bytes");
+        let m: MacAddr = mac.parse().unwrap();
+        assert_eq!(
+            timeline_stages(&s.bus, &m),
+            vec![
+                BootStage::HttpScript,
+                BootStage::HttpKernel,
+                BootStage::HttpInitrd
+            ],
+            "{mac}"
+        );
+        let script_event = &s.bus.timeline(&m)[0];
+        assert!(
+            script_event.detail.starts_with("profile default"),
+            "{}",
+            script_event.detail
+        );
+    }
+
+    // A menu machine may pick its menu's entries, and nothing else.
+    let menu = curl(&[&format!(
+        "{}/ipxe/script?mac=52-54-00-99-00-01&uuid=&buildarch=x86_64&platform=efi",
+        s.base
+    )])
+    .await;
+    assert!(
+        menu.text().contains("\nitem p0 Linux\nitem p1 Disk\n"),
+        "{}",
+        menu.text()
+    );
+    let pick = curl(&[&format!(
+        "{}/ipxe/script?mac=52-54-00-99-00-01&profile=disk&buildarch=x86_64&platform=efi",
+        s.base
+    )])
+    .await;
+    assert_eq!(pick.status, 200);
+    assert!(pick.text().contains("exit 0"), "{}", pick.text());
+    let other = curl(&[&format!(
+        "{}/ipxe/script?mac=52-54-00-00-00-01&profile=disk&buildarch=x86_64&platform=efi",
+        s.base
+    )])
+    .await;
+    assert_eq!(other.status, 403);
+    assert!(
+        other.text().starts_with("#!ipxe\necho pxed:"),
+        "{}",
+        other.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phone_home_events_sse_metrics_and_token() {
+    let s = start().await;
+
+    // Subscribe to the live stream first.
+    let mut sse = tokio::process::Command::new("curl")
+        .args(["-s", "-N", &format!("{}/api/events", s.base)])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut sse_out = sse.stdout.take().unwrap();
+
+    // busybox wget, as a booted test OS would phone home.
+    let mac = "52:54:00:aa:bb:01";
+    let url = format!("{}/api/phone-home", s.base);
+    let status = tokio::process::Command::new("busybox")
+        .args([
+            "wget",
+            "-q",
+            "-O",
+            "/dev/null",
+            "--post-data",
+            &format!("mac={mac}&stage=os.userspace"),
+            &url,
+        ])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let r = curl(&[&format!("{url}?mac={mac}&stage=install.done&detail=ok")]).await;
+    assert_eq!(r.status, 200);
+    let r = curl(&["-d", "mac=52:54:00:aa:bb:01&stage=bad stage!", &url]).await;
+    assert_eq!(r.status, 400);
+
+    let machines = curl(&[&format!("{}/api/machines", s.base)]).await;
+    let list: serde_json::Value = serde_json::from_slice(&machines.body).unwrap();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mac"] == mac)
+        .unwrap_or_else(|| panic!("{list}"));
+    let stages: Vec<&str> = entry["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["os.userspace", "os.custom"]);
+    assert_eq!(
+        entry["events"][1]["detail"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next(),
+        Some("install.done")
+    );
+    let one = curl(&[&format!("{}/api/machines/{mac}", s.base)]).await;
+    assert_eq!(one.status, 200);
+    assert_eq!(
+        curl(&[&format!("{}/api/machines/02:00:00:00:00:00", s.base)])
+            .await
+            .status,
+        404
+    );
+
+    // The SSE stream delivers an event. The subscription may not be live yet when we start,
+    // so keep publishing until one arrives (deadline 10 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let marker = "sse-probe";
+    let mut buf = [0u8; 4096];
+    'outer: loop {
+        assert!(
+            Instant::now() < deadline,
+            "no SSE event: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        let r = curl(&[&format!("{url}?mac=52:54:00:aa:bb:02&stage={marker}")]).await;
+        assert_eq!(r.status, 200);
+        let until = Instant::now() + Duration::from_millis(500);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(until.into(), sse_out.read(&mut buf)).await {
+            assert!(n > 0, "SSE stream closed");
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains(marker) {
+                break 'outer;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let data_line = text
+        .lines()
+        .find(|l| l.starts_with("data:") && l.contains(marker))
+        .unwrap();
+    let ev: pxed::events::BootEvent =
+        serde_json::from_str(data_line.trim_start_matches("data:").trim()).unwrap();
+    assert_eq!(ev.stage, BootStage::OsCustom);
+    assert!(text.contains("event: boot"), "{text}");
+    drop(sse);
+
+    // Mutating API: token required.
+    let ev = r#"{"mac":"52:54:00:aa:bb:03","stage":"os.kernel","detail":"serial banner"}"#;
+    let events_url = format!("{}/api/events", s.base);
+    let r = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        ev,
+        &events_url,
+    ])
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = curl(&["-H", "Authorization: Bearer wrong", "-d", ev, &events_url]).await;
+    assert_eq!(r.status, 401);
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let r = curl(&["-H", &auth, "-d", ev, &events_url]).await;
+    assert_eq!(r.status, 204);
+    let m: MacAddr = "52:54:00:aa:bb:03".parse().unwrap();
+    assert_eq!(timeline_stages(&s.bus, &m), vec![BootStage::OsKernel]);
+
+    // Metrics parse as Prometheus/OpenMetrics text and count what happened.
+    let r = curl(&[&format!("{}/metrics", s.base)]).await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert_eq!(text.lines().last(), Some("# EOF"), "{text}");
+    let mut samples = std::collections::HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        samples.insert(name.to_string(), v);
+    }
+    assert!(
+        samples.get("pxed_boot_events_total{stage=\"os.userspace\"}") >= Some(&1.0),
+        "{text}"
+    );
+    assert!(
+        samples.get("pxed_http_requests_total{route=\"/api/phone-home\",status=\"200\"}")
+            >= Some(&2.0),
+        "{text}"
+    );
+    assert!(
+        samples.get("pxed_http_requests_total{route=\"/api/events\",status=\"401\"}") == Some(&2.0),
+        "{text}"
+    );
+
+    // The dashboard is one page with no external resources.
+    let r = curl(&[&format!("{}/", s.base)]).await;
+    assert_eq!(r.status, 200);
+    let page = r.text();
+    assert!(page.contains("new EventSource(\"/api/events\")"));
+    assert!(!page.contains("http://") && !page.contains("https://"));
+}
+
+/// Read a field of /proc/self/status in KiB.
+fn proc_status_kib(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap();
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_sparse_file_is_streamed() {
+    const SIZE: u64 = 3 << 30;
+    let s = start().await;
+    let path = s.root.join("big.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(SIZE).unwrap();
+    let tail = b"the-end-of-a-3-GiB-file";
+    std::os::unix::fs::FileExt::write_at(&f, tail, SIZE - tail.len() as u64).unwrap();
+    drop(f);
+    let url = format!("{}/big.img", s.base);
+
+    let head = curl(&["-I", &url]).await;
+    assert_eq!(
+        head.header("content-length"),
+        Some(SIZE.to_string().as_str())
+    );
+
+    let started = Instant::now();
+    let r = curl(&["-r", &format!("{}-", SIZE - tail.len() as u64), &url]).await;
+    let range_time = started.elapsed();
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, tail);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes {}-{}/{SIZE}", SIZE - tail.len() as u64, SIZE - 1).as_str())
+    );
+
+    // A full download of 1 GiB must not grow this process (the server) by anything like its
+    // size: the peak resident set stays within 256 MiB of where it started.
+    let gib = s.root.join("one.img");
+    std::fs::File::create(&gib)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let before = proc_status_kib("VmHWM:");
+    let started = Instant::now();
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ])
+        .arg(format!("{}/one.img", s.base))
+        .output()
+        .await
+        .unwrap();
+    let full_time = started.elapsed();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("200 {}", 1u64 << 30)
+    );
+    let grown_kib = proc_status_kib("VmHWM:").saturating_sub(before);
+    assert!(grown_kib < 256 * 1024, "peak RSS grew by {grown_kib} KiB");
+    eprintln!(
+        "range at 3 GiB: {range_time:?}; 1 GiB full download: {full_time:?} ({:.0} MB/s); peak RSS growth {grown_kib} KiB",
+        (1u64 << 30) as f64 / 1e6 / full_time.as_secs_f64()
+    );
+}
+
+/// Kills QEMU when the test ends, passed or not.
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real iPXE boots from pxed: DHCP from QEMU's user network hands it `boot.ipxe`, whose
+/// settings (`${netX/mac:hexhyp}`, `${uuid}`, `${platform}`, `${buildarch}`) must expand so that
+/// pxed recognises the machine, and the rendered script must parse far enough to download the
+/// kernel and the named initrd. The "kernel" is the iPXE image itself, which iPXE accepts.
+async fn ipxe_boot(mac: &str, firmware: &[&str], ipxe_image: &str, arch_text: &str) {
+    const UUID: &str = "8a3b1c2d-5e6f-4a7b-8c9d-0123456789ab";
+    let file = Path::new(ipxe_image).file_name().unwrap().to_str().unwrap();
+    // Only the machine with this SMBIOS UUID gets the kernel: proves `${uuid}` reaches pxed
+    // in the form policy matches on.
+    let policy = format!(
+        r#"
+[[profile]]
+name = "netboot"
+kernel = "bin/{file}"
+initrd = ["bin/extra.cpio"]
+cmdline = "console=ttyS0"
+
+[[profile]]
+name = "default"
+local = true
+
+[[group]]
+name = "by-uuid"
+profile = "netboot"
+match = {{ uuid = ["{UUID}"] }}
+"#
+    );
+    // QEMU's user network puts the host's loopback at 10.0.2.2 for the guest.
+    let s = start_with(Ipv4Addr::new(10, 0, 2, 2), &policy).await;
+    std::fs::create_dir_all(s.root.join("bin")).unwrap();
+    std::fs::copy(ipxe_image, s.root.join("bin").join(file)).unwrap();
+    std::fs::write(s.root.join("bin/extra.cpio"), pattern(4096)).unwrap();
+    let port = s.base.rsplit(':').next().unwrap().to_string();
+
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-serial", "none", "-monitor", "none", "-nodefaults"])
+        .args(firmware)
+        .args(["-kernel", ipxe_image, "-uuid", UUID])
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=n0,ipv6=off,bootfile=http://10.0.2.2:{port}/boot.ipxe"
+        ))
+        .args(["-device", &format!("e1000,netdev=n0,mac={mac},romfile=")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let _qemu = Qemu(child);
+
+    let m: MacAddr = mac.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !timeline_stages(&s.bus, &m).contains(&BootStage::HttpInitrd) {
+        assert!(
+            Instant::now() < deadline,
+            "iPXE did not fetch the initrd; events so far: {:?}",
+            s.bus
+                .machines()
+                .iter()
+                .map(|m| s.bus.timeline(m))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let timeline = s.bus.timeline(&m);
+    let stages: Vec<BootStage> = timeline.iter().map(|e| e.stage).take(3).collect();
+    assert_eq!(
+        stages,
+        [
+            BootStage::HttpScript,
+            BootStage::HttpKernel,
+            BootStage::HttpInitrd
+        ]
+    );
+    let script = &timeline[0].detail;
+    assert!(script.contains(arch_text), "{script}");
+    assert!(
+        script.starts_with("profile netboot (group `by-uuid`"),
+        "{script}"
+    );
+    assert!(
+        timeline[1].detail.starts_with(&format!("/bin/{file}")),
+        "{}",
+        timeline[1].detail
+    );
+    assert!(
+        timeline[2]
+            .detail
+            .starts_with("/bin/extra.cpio (4096 bytes)"),
+        "{}",
+        timeline[2].detail
+    );
+}
+
+/// Debian's ipxe.lkrn under SeaBIOS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ipxe_bios_follows_the_scripts() {
+    ipxe_boot(
+        "52:54:00:12:34:77",
+        &[],
+        "/usr/lib/ipxe/ipxe.lkrn",
+        "x86 BIOS",
+    )
+    .await;
+}
+
+/// Debian's ipxe.efi under OVMF (x64 UEFI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_ipxe_uefi_follows_the_scripts() {
+    let vars = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars.path()).unwrap();
+    let code = "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".to_string();
+    let var = format!("if=pflash,format=raw,file={}", vars.path().display());
+    ipxe_boot(
+        "52:54:00:12:34:78",
+        &["-drive", &code, "-drive", &var],
+        "/usr/lib/ipxe/ipxe.efi",
+        "x64 UEFI",
+    )
+    .await;
+}
