@@ -862,3 +862,66 @@ async fn real_ipxe_uefi_follows_the_scripts() {
     )
     .await;
 }
+
+/// Shutdown ends open event streams at once, so `serve` returns promptly even with a dashboard
+/// connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_event_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = ServerAddrs {
+        ip: Ipv4Addr::LOCALHOST,
+        http_port: port,
+    };
+    let state = HttpState::new(
+        dir.path().to_path_buf(),
+        Arc::default(),
+        server,
+        EventBus::new(),
+        HttpConfig::default(),
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(pxed::http::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+    let mut sse = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-N",
+            "-D",
+            "-",
+            &format!("http://127.0.0.1:{port}/api/events"),
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait until the stream is open (its response headers arrive).
+    let mut out = sse.stdout.take().unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), out.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    let started = Instant::now();
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(3), serving)
+        .await
+        .expect("serve did not return after shutdown")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < pxed::http::server::SHUTDOWN_GRACE);
+    let status = tokio::time::timeout(Duration::from_secs(3), sse.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "curl saw the stream end cleanly: {status}"
+    );
+}
