@@ -193,7 +193,9 @@ mod tests {
     #[test]
     fn unknown_key_reports_line_and_column() {
         let text = "[server]\nroot = \"/srv\"\n\n[tftp]\nblksize_max = 1\nbogus = 2\n";
-        let err = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
+        let err = Config::parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("t.toml:6:1:"), "{err}");
         assert!(err.contains("bogus"), "{err}");
     }
@@ -201,7 +203,12 @@ mod tests {
     #[test]
     fn policy_error_names_the_file() {
         let text = "[server]\nroot = \"/srv\"\n[[group]]\nname = \"g\"\nprofile = \"x\"\n";
-        let err = Config::parse(text, Path::new("t.toml")).unwrap_err().to_string();
-        assert!(err.contains("t.toml: group `g` refers to profile `x`"), "{err}");
+        let err = Config::parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.toml: group `g` refers to profile `x`"),
+            "{err}"
+        );
     }
 }

@@ -81,7 +81,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["", "52:54", "52:54:00:ab:cd:01:02", "5:54:00:ab:cd:01", "zz:54:00:ab:cd:01"] {
+        for bad in [
+            "",
+            "52:54",
+            "52:54:00:ab:cd:01:02",
+            "5:54:00:ab:cd:01",
+            "zz:54:00:ab:cd:01",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

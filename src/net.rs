@@ -126,3 +126,40 @@ pub fn set_arp_entry(
     }
     Ok(())
 }
+
+/// The kernel's neighbour (ARP) table entry for `ip`, from /proc/net/arp: how TFTP and HTTP
+/// name the machine behind a request in proxy mode, where pxed keeps no leases.
+pub fn neighbour_mac(ip: Ipv4Addr) -> Option<MacAddr> {
+    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+    parse_arp_table(&table, ip)
+}
+
+fn parse_arp_table(table: &str, ip: Ipv4Addr) -> Option<MacAddr> {
+    let wanted = ip.to_string();
+    table.lines().skip(1).find_map(|line| {
+        let mut cols = line.split_whitespace();
+        let addr = cols.next()?;
+        let hw = cols.nth(2)?;
+        (addr == wanted && hw != "00:00:00:00:00:00")
+            .then(|| hw.parse().ok())
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arp_table_lookup() {
+        let table = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                     10.0.0.5         0x1         0x2         52:54:00:12:34:56     *        eth0\n\
+                     10.0.0.6         0x1         0x0         00:00:00:00:00:00     *        eth0\n";
+        assert_eq!(
+            parse_arp_table(table, Ipv4Addr::new(10, 0, 0, 5)),
+            Some("52:54:00:12:34:56".parse().unwrap())
+        );
+        assert_eq!(parse_arp_table(table, Ipv4Addr::new(10, 0, 0, 6)), None);
+        assert_eq!(parse_arp_table(table, Ipv4Addr::new(10, 0, 0, 7)), None);
+    }
+}

@@ -1,9 +1,9 @@
 //! `pxed serve`: load the config, bind every socket, run DHCP, TFTP and HTTP on one runtime,
 //! and stop cleanly on Ctrl-C or SIGTERM.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,9 +13,12 @@ use crate::dhcp::engine::DhcpEngine;
 use crate::dhcp::server::{DhcpServer, find_other_servers};
 use crate::dhcp::{DhcpConfig, DhcpMode};
 use crate::events::EventBus;
+use crate::http::server::{HttpState, MacLookup};
 use crate::leases::{JournalStore, LeaseStore};
 use crate::net;
-use crate::policy::{IpxeBinaries, PolicyConfig, ProfileConfig};
+use crate::policy::{IpxeBinaries, PolicyConfig, ProfileConfig, ServerAddrs};
+use crate::tftp;
+use tokio_util::sync::CancellationToken;
 
 /// How long pxed listens for other DHCP servers when it starts.
 const FOREIGN_SERVER_WAIT: Duration = Duration::from_secs(2);
@@ -132,6 +135,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let policy = Arc::new(cfg.policy.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
+    let mut engine_for_lookup = None;
     if cfg.dhcp.mode != DhcpMode::Off {
         let (store, leases): (Arc<dyn LeaseStore>, _) = if cfg.dhcp.mode == DhcpMode::Full {
             let dir = cfg
@@ -152,6 +156,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             cfg.http.port,
             leases,
         )));
+        engine_for_lookup = Some(engine.clone());
         let dhcp = DhcpServer {
             engine,
             store,
@@ -169,6 +174,53 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 Ok(())
             });
         }
+    }
+    // TFTP and HTTP name the machine behind a request by its lease, else the ARP table.
+    let mac_lookup: MacLookup = Arc::new(move |ip: IpAddr| {
+        let IpAddr::V4(v4) = ip else { return None };
+        engine_for_lookup
+            .as_ref()
+            .and_then(|e| e.lock().ok().and_then(|e| e.pool().owner(v4)))
+            .or_else(|| net::neighbour_mac(v4))
+    });
+    if cfg.tftp.enabled {
+        let files = tftp::server::root_source(&cfg.tftp, cfg.server.root.clone())
+            .with_context(|| format!("boot root {}", cfg.server.root.display()))?;
+        let bind = SocketAddr::from((server_ip, cfg.tftp.port));
+        let tftp = tftp::server::TftpServer::bind(
+            cfg.tftp.clone(),
+            bind,
+            files,
+            events.clone(),
+            mac_lookup.clone(),
+        )
+        .await?;
+        tasks.spawn(tftp.run(CancellationToken::new()));
+    }
+    if cfg.http.enabled {
+        let bind = SocketAddr::new(
+            cfg.http.bind.unwrap_or(IpAddr::V4(server_ip)),
+            cfg.http.port,
+        );
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("cannot bind HTTP to {bind}"))?;
+        let state = HttpState::new(
+            cfg.server.root.clone(),
+            Arc::new(RwLock::new(cfg.policy.clone())),
+            ServerAddrs {
+                ip: server_ip,
+                http_port: cfg.http.port,
+            },
+            events.clone(),
+            cfg.http.clone(),
+        )
+        .with_mac_lookup(mac_lookup.clone());
+        tasks.spawn(crate::http::server::serve(
+            listener,
+            state,
+            std::future::pending(),
+        ));
     }
     tracing::info!(
         %server_ip,

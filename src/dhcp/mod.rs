@@ -82,7 +82,9 @@ fn default_lease_time() -> Duration {
 impl SubnetConfig {
     /// The subnet mask for `prefix_len`.
     pub fn mask(&self) -> Ipv4Addr {
-        let bits = u32::MAX.checked_shl(32 - u32::from(self.prefix_len.min(32))).unwrap_or(0);
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len.min(32)))
+            .unwrap_or(0);
         Ipv4Addr::from(bits)
     }
 
@@ -101,7 +103,10 @@ impl DhcpConfig {
         }
         for s in &self.subnet {
             if s.prefix_len > 30 {
-                return Err(format!("subnet {}/{}: prefix too long", s.network, s.prefix_len));
+                return Err(format!(
+                    "subnet {}/{}: prefix too long",
+                    s.network, s.prefix_len
+                ));
             }
             for ip in [s.pool_start, s.pool_end] {
                 if !s.contains(ip) {

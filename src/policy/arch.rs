@@ -88,11 +88,23 @@ const REGISTRY: &[(u16, Firmware, Cpu, bool, &str)] = &[
     (5, Firmware::Other, Cpu::I386, false, "Intel Lean Client"),
     (6, Firmware::Uefi, Cpu::I386, false, "x86 UEFI"),
     (7, Firmware::Uefi, Cpu::X86_64, false, "x64 UEFI"),
-    (8, Firmware::Uefi, Cpu::X86_64, false, "EFI Xscale (sent by some x64 UEFI)"),
+    (
+        8,
+        Firmware::Uefi,
+        Cpu::X86_64,
+        false,
+        "EFI Xscale (sent by some x64 UEFI)",
+    ),
     (9, Firmware::Uefi, Cpu::X86_64, false, "EFI x86-64"),
     (10, Firmware::Uefi, Cpu::Arm32, false, "ARM 32-bit UEFI"),
     (11, Firmware::Uefi, Cpu::Arm64, false, "ARM 64-bit UEFI"),
-    (12, Firmware::Other, Cpu::Other, false, "PowerPC Open Firmware"),
+    (
+        12,
+        Firmware::Other,
+        Cpu::Other,
+        false,
+        "PowerPC Open Firmware",
+    ),
     (13, Firmware::Other, Cpu::Other, false, "PowerPC ePAPR"),
     (14, Firmware::Other, Cpu::Other, false, "POWER OPAL v3"),
     (15, Firmware::Uefi, Cpu::I386, true, "x86 UEFI HTTP"),
@@ -103,24 +115,90 @@ const REGISTRY: &[(u16, Firmware, Cpu, bool, &str)] = &[
     (20, Firmware::Bios, Cpu::I386, true, "PC/AT BIOS HTTP"),
     (21, Firmware::UBoot, Cpu::Arm32, false, "ARM 32-bit U-Boot"),
     (22, Firmware::UBoot, Cpu::Arm64, false, "ARM 64-bit U-Boot"),
-    (23, Firmware::UBoot, Cpu::Arm32, true, "ARM 32-bit U-Boot HTTP"),
-    (24, Firmware::UBoot, Cpu::Arm64, true, "ARM 64-bit U-Boot HTTP"),
-    (25, Firmware::Uefi, Cpu::Riscv32, false, "RISC-V 32-bit UEFI"),
-    (26, Firmware::Uefi, Cpu::Riscv32, true, "RISC-V 32-bit UEFI HTTP"),
-    (27, Firmware::Uefi, Cpu::Riscv64, false, "RISC-V 64-bit UEFI"),
-    (28, Firmware::Uefi, Cpu::Riscv64, true, "RISC-V 64-bit UEFI HTTP"),
+    (
+        23,
+        Firmware::UBoot,
+        Cpu::Arm32,
+        true,
+        "ARM 32-bit U-Boot HTTP",
+    ),
+    (
+        24,
+        Firmware::UBoot,
+        Cpu::Arm64,
+        true,
+        "ARM 64-bit U-Boot HTTP",
+    ),
+    (
+        25,
+        Firmware::Uefi,
+        Cpu::Riscv32,
+        false,
+        "RISC-V 32-bit UEFI",
+    ),
+    (
+        26,
+        Firmware::Uefi,
+        Cpu::Riscv32,
+        true,
+        "RISC-V 32-bit UEFI HTTP",
+    ),
+    (
+        27,
+        Firmware::Uefi,
+        Cpu::Riscv64,
+        false,
+        "RISC-V 64-bit UEFI",
+    ),
+    (
+        28,
+        Firmware::Uefi,
+        Cpu::Riscv64,
+        true,
+        "RISC-V 64-bit UEFI HTTP",
+    ),
     (29, Firmware::Uefi, Cpu::Other, false, "RISC-V 128-bit UEFI"),
-    (30, Firmware::Uefi, Cpu::Other, true, "RISC-V 128-bit UEFI HTTP"),
+    (
+        30,
+        Firmware::Uefi,
+        Cpu::Other,
+        true,
+        "RISC-V 128-bit UEFI HTTP",
+    ),
     (31, Firmware::Other, Cpu::Other, false, "s390 Basic"),
     (32, Firmware::Other, Cpu::Other, false, "s390 Extended"),
     (33, Firmware::Uefi, Cpu::Other, false, "MIPS 32-bit UEFI"),
     (34, Firmware::Uefi, Cpu::Other, false, "MIPS 64-bit UEFI"),
     (35, Firmware::Uefi, Cpu::Other, false, "Sunway 32-bit UEFI"),
     (36, Firmware::Uefi, Cpu::Other, false, "Sunway 64-bit UEFI"),
-    (37, Firmware::Uefi, Cpu::Other, false, "LoongArch 32-bit UEFI"),
-    (38, Firmware::Uefi, Cpu::Other, true, "LoongArch 32-bit UEFI HTTP"),
-    (39, Firmware::Uefi, Cpu::Loongarch64, false, "LoongArch 64-bit UEFI"),
-    (40, Firmware::Uefi, Cpu::Loongarch64, true, "LoongArch 64-bit UEFI HTTP"),
+    (
+        37,
+        Firmware::Uefi,
+        Cpu::Other,
+        false,
+        "LoongArch 32-bit UEFI",
+    ),
+    (
+        38,
+        Firmware::Uefi,
+        Cpu::Other,
+        true,
+        "LoongArch 32-bit UEFI HTTP",
+    ),
+    (
+        39,
+        Firmware::Uefi,
+        Cpu::Loongarch64,
+        false,
+        "LoongArch 64-bit UEFI",
+    ),
+    (
+        40,
+        Firmware::Uefi,
+        Cpu::Loongarch64,
+        true,
+        "LoongArch 64-bit UEFI HTTP",
+    ),
     (41, Firmware::Other, Cpu::Arm32, false, "ARM rpiboot"),
 ];
 
@@ -190,13 +268,21 @@ mod tests {
     fn seven_and_nine_are_both_x64_uefi() {
         for code in [7, 9] {
             let a = ClientArch::from_code(code).unwrap();
-            assert_eq!((a.firmware, a.cpu, a.http), (Firmware::Uefi, Cpu::X86_64, false));
+            assert_eq!(
+                (a.firmware, a.cpu, a.http),
+                (Firmware::Uefi, Cpu::X86_64, false)
+            );
         }
     }
 
     #[test]
     fn http_codes() {
-        for (code, cpu) in [(15, Cpu::I386), (16, Cpu::X86_64), (18, Cpu::Arm32), (19, Cpu::Arm64)] {
+        for (code, cpu) in [
+            (15, Cpu::I386),
+            (16, Cpu::X86_64),
+            (18, Cpu::Arm32),
+            (19, Cpu::Arm64),
+        ] {
             let a = ClientArch::from_code(code).unwrap();
             assert!(a.http, "{code}");
             assert_eq!(a.cpu, cpu);

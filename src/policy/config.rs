@@ -240,7 +240,13 @@ impl MatchSpec {
                 .iter()
                 .filter_map(|p| parse_mac_prefix(p))
                 .filter(|p| facts.mac.0.starts_with(p))
-                .map(|p| if p.len() == 6 { 1000 } else { 100 + 10 * p.len() as u32 })
+                .map(|p| {
+                    if p.len() == 6 {
+                        1000
+                    } else {
+                        100 + 10 * p.len() as u32
+                    }
+                })
                 .max()?;
             score += best;
         }
@@ -274,7 +280,9 @@ impl MatchSpec {
         }
         if !self.vendor_class.is_empty() {
             let vc = facts.vendor_class.as_deref()?;
-            self.vendor_class.iter().find(|p| vc.starts_with(p.as_str()))?;
+            self.vendor_class
+                .iter()
+                .find(|p| vc.starts_with(p.as_str()))?;
             score += 10;
         }
         if !self.user_class.is_empty() {

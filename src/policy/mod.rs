@@ -14,8 +14,8 @@ use std::net::Ipv4Addr;
 
 pub use arch::{ClientArch, Cpu, Firmware};
 pub use config::{
-    GroupConfig, IpxeBinaries, MachineConfig, MatchSpec, MenuItemConfig, PolicyConfig,
-    PolicyError, ProfileConfig,
+    GroupConfig, IpxeBinaries, MachineConfig, MatchSpec, MenuItemConfig, PolicyConfig, PolicyError,
+    ProfileConfig,
 };
 
 use crate::mac::MacAddr;
@@ -197,7 +197,10 @@ pub struct Policy {
 impl Policy {
     /// The target of a profile by name.
     pub fn profile(&self, name: &str) -> Option<&BootTarget> {
-        self.profiles.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+        self.profiles
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
     }
 
     /// The machine entry for a MAC, if the config has one.

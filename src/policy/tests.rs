@@ -16,7 +16,10 @@ fn facts(mac: &str, arch: Option<u16>, ipxe: bool) -> ClientFacts {
     ClientFacts {
         mac: mac.parse().unwrap(),
         arch_code: arch,
-        vendor_class: Some(format!("PXEClient:Arch:{:05}:UNDI:003016", arch.unwrap_or(0))),
+        vendor_class: Some(format!(
+            "PXEClient:Arch:{:05}:UNDI:003016",
+            arch.unwrap_or(0)
+        )),
         user_class: if ipxe { vec!["iPXE".into()] } else { vec![] },
         is_ipxe: ipxe,
         ..Default::default()
@@ -56,34 +59,75 @@ hostname = "pinned"
 
 #[test]
 fn bios_firmware_gets_undionly_over_tftp() {
-    let p = plan(&policy(BASIC), &facts("02:00:00:00:00:01", Some(0), false), &SERVER);
+    let p = plan(
+        &policy(BASIC),
+        &facts("02:00:00:00:00:01", Some(0), false),
+        &SERVER,
+    );
     assert_eq!(p.profile, "default");
-    assert_eq!(p.dhcp, DhcpBoot::Tftp { file: "undionly.kpxe".into() });
+    assert_eq!(
+        p.dhcp,
+        DhcpBoot::Tftp {
+            file: "undionly.kpxe".into()
+        }
+    );
 }
 
 #[test]
 fn uefi_x64_gets_snponly_for_7_and_9() {
     for arch in [7, 9] {
-        let p = plan(&policy(BASIC), &facts("02:00:00:00:00:01", Some(arch), false), &SERVER);
-        assert_eq!(p.dhcp, DhcpBoot::Tftp { file: "snponly.efi".into() }, "arch {arch}");
+        let p = plan(
+            &policy(BASIC),
+            &facts("02:00:00:00:00:01", Some(arch), false),
+            &SERVER,
+        );
+        assert_eq!(
+            p.dhcp,
+            DhcpBoot::Tftp {
+                file: "snponly.efi".into()
+            },
+            "arch {arch}"
+        );
     }
 }
 
 #[test]
 fn ipxe_gets_the_script_url_not_ipxe_again() {
-    let p = plan(&policy(BASIC), &facts("02:00:00:00:00:01", Some(0), true), &SERVER);
-    assert_eq!(p.dhcp, DhcpBoot::Http { url: "http://10.0.0.1:8080/boot.ipxe".into() });
+    let p = plan(
+        &policy(BASIC),
+        &facts("02:00:00:00:00:01", Some(0), true),
+        &SERVER,
+    );
+    assert_eq!(
+        p.dhcp,
+        DhcpBoot::Http {
+            url: "http://10.0.0.1:8080/boot.ipxe".into()
+        }
+    );
 }
 
 #[test]
 fn missing_arch_is_treated_as_bios() {
-    let p = plan(&policy(BASIC), &facts("02:00:00:00:00:01", None, false), &SERVER);
-    assert_eq!(p.dhcp, DhcpBoot::Tftp { file: "undionly.kpxe".into() });
+    let p = plan(
+        &policy(BASIC),
+        &facts("02:00:00:00:00:01", None, false),
+        &SERVER,
+    );
+    assert_eq!(
+        p.dhcp,
+        DhcpBoot::Tftp {
+            file: "undionly.kpxe".into()
+        }
+    );
 }
 
 #[test]
 fn unknown_arch_is_ignored_with_a_reason() {
-    let p = plan(&policy(BASIC), &facts("02:00:00:00:00:01", Some(4242), false), &SERVER);
+    let p = plan(
+        &policy(BASIC),
+        &facts("02:00:00:00:00:01", Some(4242), false),
+        &SERVER,
+    );
     match p.dhcp {
         DhcpBoot::Nothing { reason } => assert!(reason.contains("4242"), "{reason}"),
         other => panic!("expected Nothing, got {other:?}"),
@@ -92,7 +136,11 @@ fn unknown_arch_is_ignored_with_a_reason() {
 
 #[test]
 fn arm64_without_a_binary_says_so() {
-    let p = plan(&policy(BASIC), &facts("02:00:00:00:00:01", Some(11), false), &SERVER);
+    let p = plan(
+        &policy(BASIC),
+        &facts("02:00:00:00:00:01", Some(11), false),
+        &SERVER,
+    );
     match p.dhcp {
         DhcpBoot::Nothing { reason } => assert!(reason.contains("no iPXE binary"), "{reason}"),
         other => panic!("expected Nothing, got {other:?}"),
@@ -104,7 +152,12 @@ fn http_client_gets_an_http_url_to_the_efi_binary() {
     let mut f = facts("02:00:00:00:00:01", Some(16), false);
     f.vendor_class = Some("HTTPClient:Arch:00016:UNDI:003000".into());
     let p = plan(&policy(BASIC), &f, &SERVER);
-    assert_eq!(p.dhcp, DhcpBoot::Http { url: "http://10.0.0.1:8080/snponly.efi".into() });
+    assert_eq!(
+        p.dhcp,
+        DhcpBoot::Http {
+            url: "http://10.0.0.1:8080/snponly.efi".into()
+        }
+    );
 }
 
 #[test]
@@ -114,14 +167,22 @@ fn most_specific_group_wins() {
     assert_eq!(bios.profile, "rescue");
     // Same vendor prefix, plus arch: the more specific group wins; 9 counts as 7.
     for arch in [7, 9] {
-        let uefi = plan(&pol, &facts("52:54:00:00:00:01", Some(arch), false), &SERVER);
+        let uefi = plan(
+            &pol,
+            &facts("52:54:00:00:00:01", Some(arch), false),
+            &SERVER,
+        );
         assert_eq!(uefi.profile, "disk", "arch {arch}: {}", uefi.reason);
     }
 }
 
 #[test]
 fn machine_entry_beats_groups() {
-    let p = plan(&policy(BASIC), &facts("52:54:00:00:00:99", Some(7), false), &SERVER);
+    let p = plan(
+        &policy(BASIC),
+        &facts("52:54:00:00:00:99", Some(7), false),
+        &SERVER,
+    );
     assert_eq!(p.profile, "default");
     assert_eq!(p.hostname.as_deref(), Some("pinned"));
     assert!(p.reason.contains("machine entry"));
@@ -138,7 +199,12 @@ fn no_default_means_ignore() {
 fn nbp_profile_goes_straight_to_firmware() {
     let pol = policy("[[profile]]\nname = \"default\"\nnbp = \"pxelinux.0\"\n");
     let p = plan(&pol, &facts("02:00:00:00:00:01", Some(0), false), &SERVER);
-    assert_eq!(p.dhcp, DhcpBoot::Tftp { file: "pxelinux.0".into() });
+    assert_eq!(
+        p.dhcp,
+        DhcpBoot::Tftp {
+            file: "pxelinux.0".into()
+        }
+    );
 }
 
 #[test]
@@ -179,12 +245,30 @@ labels = ["rack1"]
 fn validation_names_the_problem() {
     let cases = [
         ("[[profile]]\nname = \"p\"\n", "sets no way to boot"),
-        ("[[profile]]\nname = \"p\"\nlocal = true\nnbp = \"x\"\n", "several ways"),
-        ("[[profile]]\nname = \"p\"\nlocal = true\n[[profile]]\nname = \"p\"\nlocal = true\n", "defined twice"),
-        ("[[group]]\nname = \"g\"\nprofile = \"nope\"\n", "group `g` refers to profile `nope`"),
-        ("[[profile]]\nname = \"p\"\nlocal = true\n[[group]]\nname = \"g\"\nprofile = \"p\"\nmatch = { mac = [\"5:4\"] }\n", "not a MAC"),
-        ("[[profile]]\nname = \"p\"\nlocal = true\n[[group]]\nname = \"g\"\nprofile = \"p\"\nmatch = { arch = [999] }\n", "999"),
-        ("[[profile]]\nname = \"p\"\ncmdline = \"x\"\nlocal = true\n", "need `kernel`"),
+        (
+            "[[profile]]\nname = \"p\"\nlocal = true\nnbp = \"x\"\n",
+            "several ways",
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nlocal = true\n[[profile]]\nname = \"p\"\nlocal = true\n",
+            "defined twice",
+        ),
+        (
+            "[[group]]\nname = \"g\"\nprofile = \"nope\"\n",
+            "group `g` refers to profile `nope`",
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nlocal = true\n[[group]]\nname = \"g\"\nprofile = \"p\"\nmatch = { mac = [\"5:4\"] }\n",
+            "not a MAC",
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nlocal = true\n[[group]]\nname = \"g\"\nprofile = \"p\"\nmatch = { arch = [999] }\n",
+            "999",
+        ),
+        (
+            "[[profile]]\nname = \"p\"\ncmdline = \"x\"\nlocal = true\n",
+            "need `kernel`",
+        ),
     ];
     for (text, want) in cases {
         let cfg: PolicyConfig = toml::from_str(text).unwrap();
@@ -195,8 +279,9 @@ fn validation_names_the_problem() {
 
 #[test]
 fn unknown_keys_are_rejected() {
-    let err = toml::from_str::<PolicyConfig>("[[group]]\nname=\"g\"\nprofile=\"p\"\nmatch={ macs=[] }\n")
-        .unwrap_err()
-        .to_string();
+    let err =
+        toml::from_str::<PolicyConfig>("[[group]]\nname=\"g\"\nprofile=\"p\"\nmatch={ macs=[] }\n")
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("macs"), "{err}");
 }
