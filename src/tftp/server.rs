@@ -9,12 +9,13 @@
 //! the transfer socket to that address. The interface's MTU (from sysfs) sets the default blksize
 //! cap (MTU - 32, firmware-quirks.md Q7). On IPv6 the bound address is used as is.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, size_of_val};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,20 +71,30 @@ struct Shared {
 #[derive(Default)]
 struct Active {
     per_ip: HashMap<IpAddr, usize>,
-    peers: HashSet<SocketAddr>,
+    /// Running transfers by client address: (generation, request, has the client answered).
+    peers: HashMap<SocketAddr, (u64, Request, Arc<AtomicBool>)>,
+    generation: u64,
 }
 
 /// Holds a transfer's place in the limits; dropping it frees the place.
 struct Slot {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    generation: u64,
+    /// Set once the client sent anything to the transfer socket.
+    heard: Arc<AtomicBool>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut a) = self.shared.active.lock() {
-            a.peers.remove(&self.peer);
+            if a.peers
+                .get(&self.peer)
+                .is_some_and(|(g, _, _)| *g == self.generation)
+            {
+                a.peers.remove(&self.peer);
+            }
             let ip = self.peer.ip();
             if let Some(n) = a.per_ip.get_mut(&ip) {
                 *n = n.saturating_sub(1);
@@ -202,15 +213,16 @@ impl TftpServer {
                     }
                 }
                 RequestDecision::Read(req) => {
-                    let Some(slot) = self.admit(rx.from) else {
+                    let Some(slot) = self.admit(rx.from, &req) else {
                         continue;
                     };
                     let shared = self.shared.clone();
                     let stop = shutdown.child_token();
                     let ifindex = rx.ifindex;
                     tokio::spawn(async move {
-                        let _slot = slot;
-                        run_transfer(shared, req, rx.from, local, ifindex, stop).await;
+                        let heard = slot.heard.clone();
+                        run_transfer(shared, req, rx.from, local, ifindex, heard, stop).await;
+                        drop(slot);
                     });
                 }
             }
@@ -218,12 +230,17 @@ impl TftpServer {
     }
 
     /// Take a transfer slot, or say why not (the client retransmits its RRQ later).
-    fn admit(&self, peer: SocketAddr) -> Option<Slot> {
+    fn admit(&self, peer: SocketAddr, req: &Request) -> Option<Slot> {
         let shared = &self.shared;
         let mut active = shared.active.lock().ok()?;
-        if active.peers.contains(&peer) {
-            // A retransmitted RRQ while we already answer it: a second transfer from a new
-            // port would only confuse the client (dnsmasq does the same).
+        if let Some((_, running, heard)) = active.peers.get(&peer)
+            && *running == *req
+            && !heard.load(Ordering::Relaxed)
+        {
+            // The same RRQ again while our first answer is on its way: a second transfer from
+            // a new port would only confuse the client (dnsmasq does the same). A different
+            // request, or one after the client answered (EDK2's probe then the real read from
+            // the same port), is a new read.
             tracing::debug!(%peer, "duplicate TFTP request ignored");
             return None;
         }
@@ -236,11 +253,18 @@ impl TftpServer {
             tracing::warn!(%peer, "TFTP transfer limit reached; request dropped");
             return None;
         };
-        active.peers.insert(peer);
+        active.generation += 1;
+        let generation = active.generation;
+        let heard = Arc::new(AtomicBool::new(false));
+        active
+            .peers
+            .insert(peer, (generation, req.clone(), heard.clone()));
         *active.per_ip.entry(peer.ip()).or_insert(0) += 1;
         Some(Slot {
             shared: shared.clone(),
             peer,
+            generation,
+            heard,
             _permit: permit,
         })
     }
@@ -473,6 +497,7 @@ async fn run_transfer(
     peer: SocketAddr,
     local: IpAddr,
     ifindex: Option<u32>,
+    heard: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let mac = (shared.mac_lookup)(peer.ip()).unwrap_or_default();
@@ -555,7 +580,10 @@ async fn run_transfer(
             _ = tokio::time::sleep_until(deadline) => transfer.on_timer(Instant::now()),
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) if from == peer => match buf.get(..n) {
-                    Some(bytes) => transfer.on_packet(bytes, Instant::now()),
+                    Some(bytes) => {
+                        heard.store(true, Ordering::Relaxed);
+                        transfer.on_packet(bytes, Instant::now())
+                    }
                     None => continue,
                 },
                 Ok((_, from)) => {
