@@ -48,6 +48,8 @@ const STRANGERS_ANSWERED: usize = 8;
 const BLKSIZE_UNKNOWN_MTU: u16 = 1468;
 /// IPv4 + UDP + TFTP header bytes subtracted from the MTU.
 const HEADERS: u32 = 32;
+/// A large file is read in chunks of this size (one pread serves many lock-step blocks).
+const READ_AHEAD_BYTES: u64 = 256 << 10;
 /// Netascii translates the whole file in memory; text files beyond this are refused.
 const NETASCII_MAX_BYTES: u64 = 16 << 20;
 
@@ -559,6 +561,7 @@ async fn run_transfer(
         peer,
         content: &content,
         packet: Vec::new(),
+        ahead: None,
     };
     if let Err(err) = io.apply(first, &report).await {
         report.error(&format!("send failed: {err}"));
@@ -613,15 +616,17 @@ struct TransferIo<'a> {
     peer: SocketAddr,
     content: &'a Content,
     packet: Vec<u8>,
+    /// Read-ahead of a large file: (offset, bytes).
+    ahead: Option<(u64, Bytes)>,
 }
 
 impl TransferIo<'_> {
     /// Send the engine's datagrams (reading a window of a large file in one go) and report
     /// its events.
     async fn apply(&mut self, outs: Vec<Output>, report: &Reporter<'_>) -> io::Result<()> {
-        // A large file: read the span of this batch's DATA blocks with one pread.
-        let mut window: Option<(u64, Bytes)> = None;
-        if let Content::Disk(file, _) = self.content {
+        // A large file: make sure the span of this batch's DATA blocks is in the read-ahead
+        // buffer, refilling it with one pread of at least READ_AHEAD_BYTES.
+        if let Content::Disk(file, file_len) = self.content {
             let span = outs
                 .iter()
                 .filter_map(|o| match o {
@@ -631,13 +636,21 @@ impl TransferIo<'_> {
                     _ => None,
                 })
                 .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
-            if let Some((start, end)) = span {
+            let covered = |ahead: &Option<(u64, Bytes)>, start: u64, end: u64| {
+                ahead
+                    .as_ref()
+                    .is_some_and(|(at, b)| *at <= start && end <= *at + b.len() as u64)
+            };
+            if let Some((start, end)) = span
+                && !covered(&self.ahead, start, end)
+            {
                 let file = file.clone();
-                let size = usize::try_from(end - start).map_err(io::Error::other)?;
+                let stop = end.max(start + READ_AHEAD_BYTES).min(*file_len).max(end);
+                let size = usize::try_from(stop - start).map_err(io::Error::other)?;
                 let bytes = tokio::task::spawn_blocking(move || read_range(&file, start, size))
                     .await
                     .map_err(io::Error::other)??;
-                window = Some((start, Bytes::from(bytes)));
+                self.ahead = Some((start, Bytes::from(bytes)));
             }
         }
         for out in outs {
@@ -646,7 +659,7 @@ impl TransferIo<'_> {
                     self.sock.send_to(&b, self.peer).await?;
                 }
                 Output::Send(Datagram::Data { block, offset, len }) => {
-                    let payload = match (self.content, &window) {
+                    let payload = match (self.content, &self.ahead) {
                         (Content::Memory(b), _) => slice(b, offset, len),
                         (Content::Disk(..), Some((start, b))) => slice(b, offset - start, len),
                         (Content::Disk(..), None) => None,
