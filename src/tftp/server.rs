@@ -661,7 +661,9 @@ impl TransferIo<'_> {
                 Output::Send(Datagram::Data { block, offset, len }) => {
                     let payload = match (self.content, &self.ahead) {
                         (Content::Memory(b), _) => slice(b, offset, len),
-                        (Content::Disk(..), Some((start, b))) => slice(b, offset - start, len),
+                        (Content::Disk(..), Some((start, b))) => {
+                            offset.checked_sub(*start).and_then(|o| slice(b, o, len))
+                        }
                         (Content::Disk(..), None) => None,
                     }
                     .ok_or_else(|| io::Error::other("block outside the file"))?;
