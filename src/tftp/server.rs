@@ -9,12 +9,13 @@
 //! the transfer socket to that address. The interface's MTU (from sysfs) sets the default blksize
 //! cap (MTU - 32, firmware-quirks.md Q7). On IPv6 the bound address is used as is.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, size_of_val};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,8 @@ const STRANGERS_ANSWERED: usize = 8;
 const BLKSIZE_UNKNOWN_MTU: u16 = 1468;
 /// IPv4 + UDP + TFTP header bytes subtracted from the MTU.
 const HEADERS: u32 = 32;
+/// A large file is read in chunks of this size (one pread serves many lock-step blocks).
+const READ_AHEAD_BYTES: u64 = 256 << 10;
 /// Netascii translates the whole file in memory; text files beyond this are refused.
 const NETASCII_MAX_BYTES: u64 = 16 << 20;
 
@@ -70,20 +73,30 @@ struct Shared {
 #[derive(Default)]
 struct Active {
     per_ip: HashMap<IpAddr, usize>,
-    peers: HashSet<SocketAddr>,
+    /// Running transfers by client address: (generation, request, has the client answered).
+    peers: HashMap<SocketAddr, (u64, Request, Arc<AtomicBool>)>,
+    generation: u64,
 }
 
 /// Holds a transfer's place in the limits; dropping it frees the place.
 struct Slot {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    generation: u64,
+    /// Set once the client sent anything to the transfer socket.
+    heard: Arc<AtomicBool>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut a) = self.shared.active.lock() {
-            a.peers.remove(&self.peer);
+            if a.peers
+                .get(&self.peer)
+                .is_some_and(|(g, _, _)| *g == self.generation)
+            {
+                a.peers.remove(&self.peer);
+            }
             let ip = self.peer.ip();
             if let Some(n) = a.per_ip.get_mut(&ip) {
                 *n = n.saturating_sub(1);
@@ -202,15 +215,16 @@ impl TftpServer {
                     }
                 }
                 RequestDecision::Read(req) => {
-                    let Some(slot) = self.admit(rx.from) else {
+                    let Some(slot) = self.admit(rx.from, &req) else {
                         continue;
                     };
                     let shared = self.shared.clone();
                     let stop = shutdown.child_token();
                     let ifindex = rx.ifindex;
                     tokio::spawn(async move {
-                        let _slot = slot;
-                        run_transfer(shared, req, rx.from, local, ifindex, stop).await;
+                        let heard = slot.heard.clone();
+                        run_transfer(shared, req, rx.from, local, ifindex, heard, stop).await;
+                        drop(slot);
                     });
                 }
             }
@@ -218,12 +232,17 @@ impl TftpServer {
     }
 
     /// Take a transfer slot, or say why not (the client retransmits its RRQ later).
-    fn admit(&self, peer: SocketAddr) -> Option<Slot> {
+    fn admit(&self, peer: SocketAddr, req: &Request) -> Option<Slot> {
         let shared = &self.shared;
         let mut active = shared.active.lock().ok()?;
-        if active.peers.contains(&peer) {
-            // A retransmitted RRQ while we already answer it: a second transfer from a new
-            // port would only confuse the client (dnsmasq does the same).
+        if let Some((_, running, heard)) = active.peers.get(&peer)
+            && *running == *req
+            && !heard.load(Ordering::Relaxed)
+        {
+            // The same RRQ again while our first answer is on its way: a second transfer from
+            // a new port would only confuse the client (dnsmasq does the same). A different
+            // request, or one after the client answered (EDK2's probe then the real read from
+            // the same port), is a new read.
             tracing::debug!(%peer, "duplicate TFTP request ignored");
             return None;
         }
@@ -236,11 +255,18 @@ impl TftpServer {
             tracing::warn!(%peer, "TFTP transfer limit reached; request dropped");
             return None;
         };
-        active.peers.insert(peer);
+        active.generation += 1;
+        let generation = active.generation;
+        let heard = Arc::new(AtomicBool::new(false));
+        active
+            .peers
+            .insert(peer, (generation, req.clone(), heard.clone()));
         *active.per_ip.entry(peer.ip()).or_insert(0) += 1;
         Some(Slot {
             shared: shared.clone(),
             peer,
+            generation,
+            heard,
             _permit: permit,
         })
     }
@@ -473,6 +499,7 @@ async fn run_transfer(
     peer: SocketAddr,
     local: IpAddr,
     ifindex: Option<u32>,
+    heard: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let mac = (shared.mac_lookup)(peer.ip()).unwrap_or_default();
@@ -534,6 +561,7 @@ async fn run_transfer(
         peer,
         content: &content,
         packet: Vec::new(),
+        ahead: None,
     };
     if let Err(err) = io.apply(first, &report).await {
         report.error(&format!("send failed: {err}"));
@@ -555,7 +583,10 @@ async fn run_transfer(
             _ = tokio::time::sleep_until(deadline) => transfer.on_timer(Instant::now()),
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) if from == peer => match buf.get(..n) {
-                    Some(bytes) => transfer.on_packet(bytes, Instant::now()),
+                    Some(bytes) => {
+                        heard.store(true, Ordering::Relaxed);
+                        transfer.on_packet(bytes, Instant::now())
+                    }
                     None => continue,
                 },
                 Ok((_, from)) => {
@@ -585,15 +616,17 @@ struct TransferIo<'a> {
     peer: SocketAddr,
     content: &'a Content,
     packet: Vec<u8>,
+    /// Read-ahead of a large file: (offset, bytes).
+    ahead: Option<(u64, Bytes)>,
 }
 
 impl TransferIo<'_> {
     /// Send the engine's datagrams (reading a window of a large file in one go) and report
     /// its events.
     async fn apply(&mut self, outs: Vec<Output>, report: &Reporter<'_>) -> io::Result<()> {
-        // A large file: read the span of this batch's DATA blocks with one pread.
-        let mut window: Option<(u64, Bytes)> = None;
-        if let Content::Disk(file, _) = self.content {
+        // A large file: make sure the span of this batch's DATA blocks is in the read-ahead
+        // buffer, refilling it with one pread of at least READ_AHEAD_BYTES.
+        if let Content::Disk(file, file_len) = self.content {
             let span = outs
                 .iter()
                 .filter_map(|o| match o {
@@ -603,13 +636,21 @@ impl TransferIo<'_> {
                     _ => None,
                 })
                 .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
-            if let Some((start, end)) = span {
+            let covered = |ahead: &Option<(u64, Bytes)>, start: u64, end: u64| {
+                ahead
+                    .as_ref()
+                    .is_some_and(|(at, b)| *at <= start && end <= *at + b.len() as u64)
+            };
+            if let Some((start, end)) = span
+                && !covered(&self.ahead, start, end)
+            {
                 let file = file.clone();
-                let size = usize::try_from(end - start).map_err(io::Error::other)?;
+                let stop = end.max(start + READ_AHEAD_BYTES).min(*file_len).max(end);
+                let size = usize::try_from(stop - start).map_err(io::Error::other)?;
                 let bytes = tokio::task::spawn_blocking(move || read_range(&file, start, size))
                     .await
                     .map_err(io::Error::other)??;
-                window = Some((start, Bytes::from(bytes)));
+                self.ahead = Some((start, Bytes::from(bytes)));
             }
         }
         for out in outs {
@@ -618,9 +659,11 @@ impl TransferIo<'_> {
                     self.sock.send_to(&b, self.peer).await?;
                 }
                 Output::Send(Datagram::Data { block, offset, len }) => {
-                    let payload = match (self.content, &window) {
+                    let payload = match (self.content, &self.ahead) {
                         (Content::Memory(b), _) => slice(b, offset, len),
-                        (Content::Disk(..), Some((start, b))) => slice(b, offset - start, len),
+                        (Content::Disk(..), Some((start, b))) => {
+                            offset.checked_sub(*start).and_then(|o| slice(b, o, len))
+                        }
                         (Content::Disk(..), None) => None,
                     }
                     .ok_or_else(|| io::Error::other("block outside the file"))?;

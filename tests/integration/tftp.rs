@@ -701,6 +701,38 @@ async fn edk2_probe_abort_and_strangers() {
                 tid,
             )
             .unwrap();
+        // The real read follows at once from the same port and must be served (windowed, as
+        // EDK2 does with PcdPxeTftpWindowSize).
+        raw.send(&wire::encode_request(
+            false,
+            "snponly.efi",
+            "octet",
+            &[("blksize", "1468"), ("windowsize", "4")],
+        ));
+        let (pkt, tid) = raw.recv();
+        assert!(matches!(wire::parse(&pkt).unwrap(), Packet::Oack(_)));
+        raw.sock.send_to(&wire::encode_ack(0), tid).unwrap();
+        let want = noise(200_000, 11);
+        let mut got = Vec::new();
+        let mut block: u16 = 0;
+        loop {
+            let (pkt, from) = raw.recv();
+            assert_eq!(from, tid);
+            let Packet::Data(b, payload) = wire::parse(&pkt).unwrap() else {
+                panic!("expected DATA")
+            };
+            assert_eq!(b, block + 1, "no loss on loopback, so blocks come in order");
+            block = b;
+            got.extend_from_slice(payload);
+            let last = payload.len() < 1468;
+            if last || b % 4 == 0 {
+                raw.sock.send_to(&wire::encode_ack(b), tid).unwrap();
+            }
+            if last {
+                break;
+            }
+        }
+        assert!(got == want, "got {} bytes", got.len());
     })
     .await
     .unwrap();
