@@ -192,7 +192,7 @@ impl DhcpEngine {
             events: Vec::new(),
         };
         for w in warnings {
-            ctx.event(BootStage::DhcpIgnore, format!("warning: {w}"));
+            tracing::debug!(%mac, "{w}");
         }
         let Some(kind) = ctx.req.message_type() else {
             return ctx.ignore("no DHCP message type (BOOTP is not served)");
@@ -587,11 +587,15 @@ fn discover_detail(f: &ClientFacts) -> String {
         (Some(code), None) => format!("{code} (unknown)"),
         (None, None) => "none".into(),
     };
-    format!(
-        "arch {arch}, class {:?}, vendor {}",
-        ClientClass::of(f),
-        f.vendor_class.as_deref().unwrap_or("-")
-    )
+    let vendor = f.vendor_class.as_deref().unwrap_or("-");
+    if is_pxe_client(f) {
+        format!(
+            "arch {arch}, class {:?}, vendor {vendor}",
+            ClientClass::of(f)
+        )
+    } else {
+        format!("not a PXE client, vendor {vendor}")
+    }
 }
 
 fn ipxe_detail(f: &ClientFacts) -> String {
@@ -600,12 +604,12 @@ fn ipxe_detail(f: &ClientFacts) -> String {
 }
 
 fn boot_detail(reply: &DhcpPacket) -> String {
-    let file = reply
-        .options
-        .get(67)
-        .unwrap_or(reply.file.as_slice())
-        .to_vec();
-    format!("boot {}", String::from_utf8_lossy(&file))
+    let file = reply.options.get(67).unwrap_or(reply.file.as_slice());
+    if file.is_empty() {
+        "no boot data".into()
+    } else {
+        format!("boot {}", String::from_utf8_lossy(file))
+    }
 }
 
 #[cfg(test)]

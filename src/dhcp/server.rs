@@ -15,6 +15,12 @@ use crate::leases::LeaseStore;
 use crate::mac::MacAddr;
 use crate::net;
 
+/// The made-up, locally administered MAC (first octet 0x02) of the DISCOVER that looks for
+/// other DHCP servers at start; pxed hears its own probe and must not answer it.
+const PROBE_MAC: [u8; 6] = [0x02, 0x70, 0x78, 0x65, 0x64, 0x01];
+/// Where `chaddr` starts in a DHCP packet (RFC 2131 section 2).
+const CHADDR_OFFSET: usize = 28;
+
 /// The largest datagram read; DHCP messages are far smaller (RFC 2131 allows up to the MTU).
 const RECV_BUFFER: usize = 4096;
 
@@ -84,6 +90,9 @@ impl DhcpServer {
                 Port::BootServer => buf_pxe.get(..len),
             };
             let Some(payload) = payload else { continue };
+            if payload.get(CHADDR_OFFSET..CHADDR_OFFSET + PROBE_MAC.len()) == Some(&PROBE_MAC[..]) {
+                continue;
+            }
             let rx = Received {
                 payload,
                 src,
@@ -183,8 +192,7 @@ pub async fn find_other_servers(
     )?)?;
     let xid = (now_ms() as u32) ^ 0x7078_6564;
     let mut chaddr = [0u8; 16];
-    // Locally administered, unicast: 0x02 in the first octet; never a real NIC.
-    chaddr[..6].copy_from_slice(&[0x02, 0x70, 0x78, 0x65, 0x64, 0x01]);
+    chaddr[..6].copy_from_slice(&PROBE_MAC);
     let mut probe = DhcpPacket {
         op: Op::Request,
         htype: 1,
