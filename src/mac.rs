@@ -5,6 +5,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Finds the MAC of a client from its IP address (DHCP leases, else the kernel's ARP table).
+/// TFTP and HTTP requests carry no MAC, but their events are keyed on one.
+pub type MacLookup = std::sync::Arc<dyn Fn(std::net::IpAddr) -> Option<MacAddr> + Send + Sync>;
+
 /// An Ethernet hardware address. Every boot event, lease and policy match is keyed on it,
 /// because firmware, iPXE and the booted OS each send a different client identifier.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

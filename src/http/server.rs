@@ -26,9 +26,7 @@ use crate::mac::MacAddr;
 use crate::policy::{BootTarget, ClientArch, ClientFacts, Policy, ServerAddrs};
 use crate::stage::BootStage;
 
-/// Finds the MAC of a client from its IP address (the lead's DHCP lease table or the ARP
-/// cache). Used when a request carries no `mac` query, as with UEFI HTTP Boot.
-pub type MacLookup = Arc<dyn Fn(IpAddr) -> Option<MacAddr> + Send + Sync>;
+pub use crate::mac::MacLookup;
 
 /// How long open downloads and event streams may take to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

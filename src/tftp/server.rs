@@ -33,8 +33,7 @@ use crate::events::EventBus;
 use crate::mac::MacAddr;
 use crate::stage::BootStage;
 
-/// Maps a client's IP address to its MAC (from DHCP leases or ARP); TFTP packets carry no MAC.
-pub type MacLookup = Arc<dyn Fn(IpAddr) -> Option<MacAddr> + Send + Sync>;
+pub use crate::mac::MacLookup;
 
 /// Receive buffer of a transfer socket: clients send only ACK and ERROR (at most 4 + 512 bytes).
 const TRANSFER_RECV_BYTES: usize = 1024;
