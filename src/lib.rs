@@ -13,6 +13,7 @@
 //!   the socket driver.
 //! - [`tftp`]: sans-IO TFTP engine and its server.
 //! - [`http`]: boot assets, iPXE scripts, phone-home, API, dashboard, metrics.
+//! - [`ipv6_ra`]: ends iPXE's IPv6 router wait on IPv4-only networks (full mode).
 //! - [`leases`]: durable lease store (ACK only after the lease is on disk).
 //! - [`net`]: OS networking (interface binding, interface addresses, ARP entries).
 //! - [`server`]: wires the pieces together on one tokio runtime.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod dhcp;
 pub mod events;
 pub mod http;
+pub mod ipv6_ra;
 pub mod leases;
 pub mod mac;
 pub mod net;

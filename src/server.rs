@@ -167,6 +167,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         .bind()?;
         tasks.spawn(dhcp);
+        if let (true, Some(ifname)) = (cfg.dhcp.ipv6_ra_enabled(), cfg.server.interface.clone()) {
+            tasks.spawn(crate::ipv6_ra::run(ifname, events.clone()));
+        }
         if let Some(ifname) = cfg.server.interface.clone() {
             let mode = cfg.dhcp.mode;
             tasks.spawn(async move {

@@ -37,6 +37,10 @@ pub struct DhcpConfig {
     pub port_4011: bool,
     /// `[[dhcp.subnet]]`: address pools (full mode).
     pub subnet: Vec<SubnetConfig>,
+    /// Answer IPv6 router solicitations of machines in the middle of a PXE boot with a
+    /// "no router here" advertisement, ending iPXE's IPv6 wait (see `ipv6_ra`). Default: on in
+    /// full mode, off in proxy mode.
+    pub end_ipv6_wait: Option<bool>,
 }
 
 impl Default for DhcpConfig {
@@ -45,6 +49,7 @@ impl Default for DhcpConfig {
             mode: DhcpMode::Proxy,
             port_4011: true,
             subnet: Vec::new(),
+            end_ipv6_wait: None,
         }
     }
 }
@@ -96,6 +101,12 @@ impl SubnetConfig {
 }
 
 impl DhcpConfig {
+    /// Whether the IPv6 "no router" responder runs: pxed owns the network in full mode; in
+    /// proxy mode someone else does, so it stays off unless asked for.
+    pub fn ipv6_ra_enabled(&self) -> bool {
+        self.end_ipv6_wait.unwrap_or(self.mode == DhcpMode::Full)
+    }
+
     /// Check values that parse but cannot work.
     pub fn validate(&self) -> Result<(), String> {
         if self.mode == DhcpMode::Full && self.subnet.is_empty() {

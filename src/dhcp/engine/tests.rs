@@ -36,6 +36,7 @@ fn engine(mode: DhcpMode) -> DhcpEngine {
         mode,
         port_4011: true,
         subnet: vec![subnet([10, 0, 0, 0]), subnet([10, 9, 0, 0])],
+        end_ipv6_wait: None,
     };
     DhcpEngine::new(config, policy(), 8080, Vec::new())
 }
