@@ -380,19 +380,39 @@ fn shell_line(program: &str, args: &[String]) -> String {
 }
 
 /// The accelerator to use: KVM only if a real probe boot under KVM reaches userspace.
-/// `PXELAB_ACCEL=tcg|kvm` overrides the probe. The result is kept for the process.
+/// `PXELAB_ACCEL=tcg|kvm` overrides the probe. The result is kept for the process and in the
+/// cache (`accel-probe`, keyed by QEMU version and host kernel; delete it to probe again).
 pub fn choose_accel(kernel: &Path, initrd: &Path) -> Accel {
     static CHOICE: OnceLock<Accel> = OnceLock::new();
     *CHOICE.get_or_init(|| match std::env::var("PXELAB_ACCEL").as_deref() {
         Ok("tcg") => Accel::Tcg,
         Ok("kvm") => Accel::Kvm,
-        _ => match probe_kvm(kernel, initrd) {
-            Ok(()) => Accel::Kvm,
-            Err(err) => {
-                eprintln!("pxelab: using TCG: {err:#}");
-                Accel::Tcg
+        _ => {
+            // The probe costs up to 15 s, so its answer is remembered per QEMU and host kernel.
+            let qemu = Command::new(QEMU)
+                .arg("--version")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+                .unwrap_or_default();
+            let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            let key = format!("{qemu}|{}", host.trim());
+            let memo = crate::payload::cache_dir().join("accel-probe");
+            if let Ok(text) = std::fs::read_to_string(&memo)
+                && let Some((k, v)) = text.trim().rsplit_once('|')
+                && k == key
+            {
+                return if v == "kvm" { Accel::Kvm } else { Accel::Tcg };
             }
-        },
+            let accel = match probe_kvm(kernel, initrd) {
+                Ok(()) => Accel::Kvm,
+                Err(err) => {
+                    eprintln!("pxelab: using TCG: {err:#}");
+                    Accel::Tcg
+                }
+            };
+            let _ = std::fs::write(&memo, format!("{key}|{}\n", accel.as_str()));
+            accel
+        }
     })
 }
 

@@ -307,7 +307,8 @@ mac=$(cat /sys/class/net/eth0/address)
 echo "{STAGE_MARKER} {custom} net-up $(ip -4 -o addr show eth0 | awk '{{print $4}}') mac=$mac"
 if [ -n "$phone" ]; then
   case "$phone" in *\?*) sep='&' ;; *) sep='?' ;; esac
-  if wget -q -T 10 -O /tmp/phone "${{phone}}${{sep}}mac=$mac"; then
+  # busybox 1.35 wget segfaults with -T; bound it with timeout instead.
+  if timeout 15 wget -q -O /tmp/phone "${{phone}}${{sep}}mac=$mac"; then
     echo "{STAGE_MARKER} {phone} ok"
   else
     fail {phone} "wget $phone failed"
