@@ -10,7 +10,11 @@ use crate::netns::{delete_namespace, leftover_namespaces};
 pub fn clean(runs_root: &Path) -> Vec<String> {
     let mut done = Vec::new();
     for dir in std::fs::read_dir(runs_root).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let path = f.path();
             if path.extension().and_then(|e| e.to_str()) != Some("pid") {
                 continue;

@@ -105,7 +105,8 @@ mod tests {
     fn cpio_tool_lists_and_extracts_our_archive() {
         let mut w = CpioWriter::new(Vec::new());
         w.dir("/bin", 0o755).unwrap();
-        w.file("/bin/hello", 0o755, b"#!/bin/sh\necho hi\n").unwrap();
+        w.file("/bin/hello", 0o755, b"#!/bin/sh\necho hi\n")
+            .unwrap();
         w.symlink("/bin/sh", "busybox").unwrap();
         w.file("/odd", 0o644, b"12345").unwrap();
         let bytes = w.finish().unwrap();
@@ -125,7 +126,10 @@ mod tests {
             return;
         };
         assert!(status.success());
-        assert_eq!(std::fs::read(out.join("bin/hello")).unwrap(), b"#!/bin/sh\necho hi\n");
+        assert_eq!(
+            std::fs::read(out.join("bin/hello")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
         assert_eq!(std::fs::read(out.join("odd")).unwrap(), b"12345");
         assert_eq!(
             std::fs::read_link(out.join("bin/sh")).unwrap().to_str(),

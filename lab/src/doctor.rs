@@ -49,23 +49,59 @@ fn tool(program: &str, arg: &str) -> Result<String, String> {
 /// Run every check.
 pub fn doctor() -> Vec<Check> {
     let mut v = vec![
-        check("QEMU", tool(QEMU, "--version"), "apt-get install qemu-system-x86"),
-        check("iPXE ROM for e1000", file("/usr/share/qemu/pxe-e1000.rom"), "apt-get install ipxe-qemu"),
-        check("iPXE ROM for virtio-net", file("/usr/share/qemu/pxe-virtio.rom"), "apt-get install ipxe-qemu"),
-        check("EFI ROM for e1000", file("/usr/share/qemu/efi-e1000.rom"), "apt-get install ipxe-qemu"),
+        check(
+            "QEMU",
+            tool(QEMU, "--version"),
+            "apt-get install qemu-system-x86",
+        ),
+        check(
+            "iPXE ROM for e1000",
+            file("/usr/share/qemu/pxe-e1000.rom"),
+            "apt-get install ipxe-qemu",
+        ),
+        check(
+            "iPXE ROM for virtio-net",
+            file("/usr/share/qemu/pxe-virtio.rom"),
+            "apt-get install ipxe-qemu",
+        ),
+        check(
+            "EFI ROM for e1000",
+            file("/usr/share/qemu/efi-e1000.rom"),
+            "apt-get install ipxe-qemu",
+        ),
         check("OVMF code", file(OVMF_CODE), "apt-get install ovmf"),
         check("OVMF vars", file(OVMF_VARS), "apt-get install ovmf"),
-        check("iPXE binaries", file("/usr/lib/ipxe/undionly.kpxe"), "apt-get install ipxe"),
-        check("dnsmasq", tool("dnsmasq", "--version"), "apt-get install dnsmasq"),
-        check("busybox-static", file(crate::payload::BUSYBOX), "apt-get install busybox-static"),
-        check("apt (kernel download)", tool("apt-cache", "--version"), "run on Debian or Ubuntu"),
+        check(
+            "iPXE binaries",
+            file("/usr/lib/ipxe/undionly.kpxe"),
+            "apt-get install ipxe",
+        ),
+        check(
+            "dnsmasq",
+            tool("dnsmasq", "--version"),
+            "apt-get install dnsmasq",
+        ),
+        check(
+            "busybox-static",
+            file(crate::payload::BUSYBOX),
+            "apt-get install busybox-static",
+        ),
+        check(
+            "apt (kernel download)",
+            tool("apt-cache", "--version"),
+            "run on Debian or Ubuntu",
+        ),
         check("/dev/net/tun", file("/dev/net/tun"), "modprobe tun"),
     ];
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     v.push(check(
         "root (namespaces, TAP)",
-        if root { Ok("running as root".into()) } else { Err("not root".into()) },
+        if root {
+            Ok("running as root".into())
+        } else {
+            Err("not root".into())
+        },
         "sudo pxelab ...",
     ));
     let ns = if root {
@@ -76,8 +112,16 @@ pub fn doctor() -> Vec<Check> {
     } else {
         Err("needs root".into())
     };
-    v.push(check("network namespaces", ns, "sudo pxelab ... (and apt-get install iproute2)"));
-    let kvm = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    v.push(check(
+        "network namespaces",
+        ns,
+        "sudo pxelab ... (and apt-get install iproute2)",
+    ));
+    let kvm = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Err(e) => Err(format!("/dev/kvm: {e}")),
         Ok(_) => {
             let cache = crate::payload::cache_dir();
@@ -86,11 +130,19 @@ pub fn doctor() -> Vec<Check> {
                     .map(|e| e.path())
                     .find(|p| p.to_string_lossy().ends_with(".cpio.gz"))
             });
-            let kernel = std::fs::read_dir(&cache).ok().and_then(|d| {
-                d.flatten().map(|e| e.path().join("boot")).find(|p| p.is_dir())
-            }).and_then(|b| std::fs::read_dir(b).ok()).and_then(|d| {
-                d.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("vmlinuz-"))
-            });
+            let kernel = std::fs::read_dir(&cache)
+                .ok()
+                .and_then(|d| {
+                    d.flatten()
+                        .map(|e| e.path().join("boot"))
+                        .find(|p| p.is_dir())
+                })
+                .and_then(|b| std::fs::read_dir(b).ok())
+                .and_then(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .find(|p| p.to_string_lossy().contains("vmlinuz-"))
+                });
             match (kernel, cached) {
                 (Some(k), Some(i)) => crate::machine::probe_kvm(&k, &i)
                     .map(|()| "a probe boot under KVM reached userspace".to_string())
@@ -99,7 +151,11 @@ pub fn doctor() -> Vec<Check> {
             }
         }
     };
-    v.push(check("KVM", kvm, "nothing required: TCG works; for KVM fix nested virtualisation on the host"));
+    v.push(check(
+        "KVM",
+        kvm,
+        "nothing required: TCG works; for KVM fix nested virtualisation on the host",
+    ));
     let cache = crate::payload::cache_dir();
     let _ = std::fs::create_dir_all(&cache);
     v.push(check(

@@ -133,7 +133,10 @@ pub fn qemu_command(
     push(&["-nographic", "-serial", "stdio", "-monitor", "none"]);
     push(&["-no-reboot", "-nodefaults"]);
     let qmp = dir.join(format!("{}.qmp", spec.name));
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", qmp.display())]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
     let pidfile = dir.join(format!("{}.pid", spec.name));
     push(&["-pidfile", &pidfile.display().to_string()]);
     push(&[
@@ -277,7 +280,8 @@ impl Drop for Vm {
 
 /// Talk QMP (QEMU Machine Protocol) once: greeting, capabilities, one command.
 pub fn qmp_execute(sock: &Path, command: &str) -> Result<String> {
-    let stream = UnixStream::connect(sock).with_context(|| format!("connecting {}", sock.display()))?;
+    let stream =
+        UnixStream::connect(sock).with_context(|| format!("connecting {}", sock.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = std::io::BufReader::new(stream.try_clone()?);
     let mut w = stream;
@@ -367,7 +371,10 @@ fn shell_line(program: &str, args: &[String]) -> String {
     let mut s = program.to_string();
     for a in args {
         s.push(' ');
-        if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_=,./:".contains(c)) && !a.is_empty() {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=,./:".contains(c))
+            && !a.is_empty()
+        {
             s.push_str(a);
         } else {
             s.push('\'');
@@ -392,7 +399,13 @@ pub fn choose_accel(kernel: &Path, initrd: &Path) -> Accel {
             let qemu = Command::new(QEMU)
                 .arg("--version")
                 .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
                 .unwrap_or_default();
             let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
             let key = format!("{qemu}|{}", host.trim());
@@ -425,7 +438,15 @@ pub fn probe_kvm(kernel: &Path, initrd: &Path) -> Result<()> {
         bail!("/dev/kvm is missing");
     }
     let mut child = Command::new(QEMU)
-        .args(["-accel", "kvm", "-m", "256", "-nographic", "-serial", "stdio"])
+        .args([
+            "-accel",
+            "kvm",
+            "-m",
+            "256",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ])
         .args(["-monitor", "none", "-no-reboot", "-nodefaults", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
@@ -502,7 +523,9 @@ mod tests {
         }
         let args = qemu_command(&spec, Accel::Tcg, Path::new("/x.sock"), dir.path()).unwrap();
         let line = args.join(" ");
-        assert!(line.contains("virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,bootindex=1,romfile="));
+        assert!(
+            line.contains("virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,bootindex=1,romfile=")
+        );
         assert!(line.contains("virtio-rng-pci"));
         assert!(line.contains("readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"));
         assert!(dir.path().join("u1.OVMF_VARS.fd").exists());

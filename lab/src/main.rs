@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pxelab", about = "Network-boot lab: QEMU machines, a virtual LAN, a stage oracle")]
+#[command(
+    name = "pxelab",
+    about = "Network-boot lab: QEMU machines, a virtual LAN, a stage oracle"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -72,7 +75,11 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            if bad == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Cmd::Clean => {
             let done = pxelab::cleanup::clean(&pxelab::run::runs_root());

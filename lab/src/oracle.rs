@@ -318,7 +318,13 @@ impl MachineOracle {
             .map(|e| e.stage)
     }
 
-    fn push_timeline(&mut self, at: SystemTime, source: Source, stage: Option<BootStage>, text: &str) {
+    fn push_timeline(
+        &mut self,
+        at: SystemTime,
+        source: Source,
+        stage: Option<BootStage>,
+        text: &str,
+    ) {
         if self.timeline.len() < EVIDENCE_KEPT {
             let at_ms = self.since(at);
             self.timeline.push(TimelineEntry {
@@ -330,7 +336,13 @@ impl MachineOracle {
         }
     }
 
-    fn hit(&mut self, stage: BootStage, at: SystemTime, source: Source, detail: &str) -> Vec<(BootStage, u64)> {
+    fn hit(
+        &mut self,
+        stage: BootStage,
+        at: SystemTime,
+        source: Source,
+        detail: &str,
+    ) -> Vec<(BootStage, u64)> {
         self.push_timeline(at, source, Some(stage), detail);
         let at_ms = self.since(at);
         let mut new = Vec::new();
@@ -373,7 +385,13 @@ impl MachineOracle {
         }
     }
 
-    fn fail_unless_tolerated(&mut self, name: &str, stage: Option<BootStage>, reason: String, at: SystemTime) {
+    fn fail_unless_tolerated(
+        &mut self,
+        name: &str,
+        stage: Option<BootStage>,
+        reason: String,
+        at: SystemTime,
+    ) {
         if self.tolerate.contains(name) {
             return;
         }
@@ -445,7 +463,11 @@ mod tests {
         o.on_wire(&wire(t0 + Duration::from_secs(2), BootStage::TftpError));
         assert!(matches!(
             o.verdict(),
-            Verdict::Failed { stage: Some(BootStage::TftpError), at_ms: 2000, .. }
+            Verdict::Failed {
+                stage: Some(BootStage::TftpError),
+                at_ms: 2000,
+                ..
+            }
         ));
         let mut o = MachineOracle::new(o.mac, o.expected.clone(), ["tftp.error".to_string()], t0);
         o.on_wire(&wire(t0 + Duration::from_secs(2), BootStage::TftpError));
@@ -457,18 +479,39 @@ mod tests {
         let t0 = SystemTime::now();
         let mut o = oracle(t0);
         o.tick(t0 + Duration::from_secs(11));
-        assert!(matches!(o.verdict(), Verdict::Failed { stage: Some(BootStage::DhcpAck), .. }));
+        assert!(matches!(
+            o.verdict(),
+            Verdict::Failed {
+                stage: Some(BootStage::DhcpAck),
+                ..
+            }
+        ));
 
         let mut o = oracle(t0);
         o.on_wire(&wire(t0, BootStage::DhcpAck));
         o.on_wire(&wire(t0, BootStage::TftpComplete));
-        o.on_console(t0 + Duration::from_secs(3), "[    1.0] Kernel panic - not syncing: VFS");
-        assert!(matches!(o.verdict(), Verdict::Failed { stage: Some(BootStage::OsUserspace), .. }));
+        o.on_console(
+            t0 + Duration::from_secs(3),
+            "[    1.0] Kernel panic - not syncing: VFS",
+        );
+        assert!(matches!(
+            o.verdict(),
+            Verdict::Failed {
+                stage: Some(BootStage::OsUserspace),
+                ..
+            }
+        ));
         assert_eq!(o.console_tail().len(), 1);
 
         let mut o = oracle(t0);
         o.on_exit(t0 + Duration::from_secs(1), "exit status: 0");
-        assert!(matches!(o.verdict(), Verdict::Failed { stage: Some(BootStage::DhcpAck), .. }));
+        assert!(matches!(
+            o.verdict(),
+            Verdict::Failed {
+                stage: Some(BootStage::DhcpAck),
+                ..
+            }
+        ));
     }
 
     #[test]

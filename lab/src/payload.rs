@@ -27,8 +27,16 @@ pub const FAIL_MARKER: &str = "PXELAB-FAIL";
 pub const PHONE_PARAM: &str = "pxelab.phone";
 /// NIC drivers the initramfs carries (those QEMU can emulate); dependencies are added.
 pub const NIC_MODULES: &[&str] = &[
-    "e1000", "e1000e", "virtio_net", "virtio_pci", "8139too", "8139cp", "ne2k_pci", "pcnet32",
-    "vmxnet3", "e100",
+    "e1000",
+    "e1000e",
+    "virtio_net",
+    "virtio_pci",
+    "8139too",
+    "8139cp",
+    "ne2k_pci",
+    "pcnet32",
+    "vmxnet3",
+    "e100",
 ];
 /// The drivers the lab's default machines need: without them the payload is useless.
 const REQUIRED_MODULES: &[&str] = &["e1000", "virtio_net"];
@@ -230,7 +238,12 @@ fn module_bytes(path: &Path) -> Result<Vec<u8>> {
 fn module_depends(ko: &[u8]) -> Vec<String> {
     ko.split(|&b| b == 0)
         .filter_map(|s| s.strip_prefix(b"depends="))
-        .flat_map(|d| String::from_utf8_lossy(d).into_owned().split(',').map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|d| {
+            String::from_utf8_lossy(d)
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .filter(|s| !s.is_empty())
         .map(|s| s.replace('-', "_"))
         .collect()
@@ -336,9 +349,8 @@ fn ensure_initrd(cache: &Path, kernel_root: &Path, kver: &str) -> Result<PathBuf
     let busybox = std::fs::read(BUSYBOX)
         .with_context(|| format!("reading {BUSYBOX} (apt-get install busybox-static)"))?;
     let mod_dir = kernel_root.join("lib/modules").join(kver);
-    let config =
-        std::fs::read_to_string(kernel_root.join("boot").join(format!("config-{kver}")))
-            .unwrap_or_default();
+    let config = std::fs::read_to_string(kernel_root.join("boot").join(format!("config-{kver}")))
+        .unwrap_or_default();
     let index = module_index(&mod_dir)?;
     let modules = resolve_modules(&index, &config)?;
     let init = init_script();
@@ -370,7 +382,19 @@ fn ensure_initrd(cache: &Path, kernel_root: &Path, kver: &str) -> Result<PathBuf
     let file = std::fs::File::create(&tmp)?;
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
     let mut w = CpioWriter::new(gz);
-    for d in ["/bin", "/sbin", "/dev", "/etc", "/etc/pxelab", "/lib", "/lib/modules", "/proc", "/sys", "/tmp", "/run"] {
+    for d in [
+        "/bin",
+        "/sbin",
+        "/dev",
+        "/etc",
+        "/etc/pxelab",
+        "/lib",
+        "/lib/modules",
+        "/proc",
+        "/sys",
+        "/tmp",
+        "/run",
+    ] {
         w.dir(d, 0o755)?;
     }
     // The kernel opens /dev/console for init before anything is mounted.

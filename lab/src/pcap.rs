@@ -62,15 +62,24 @@ mod tests {
         let path = dir.path().join("t.pcap");
         let mut w = PcapWriter::create(&path).unwrap();
         let frame = [0xffu8; 60];
-        w.write_frame(UNIX_EPOCH + std::time::Duration::from_micros(1_500_000), &frame)
-            .unwrap();
+        w.write_frame(
+            UNIX_EPOCH + std::time::Duration::from_micros(1_500_000),
+            &frame,
+        )
+        .unwrap();
         w.flush().unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 24 + 16 + 60);
-        assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()), PCAP_MAGIC_USEC);
+        assert_eq!(
+            u32::from_ne_bytes(bytes[0..4].try_into().unwrap()),
+            PCAP_MAGIC_USEC
+        );
         assert_eq!(u32::from_ne_bytes(bytes[20..24].try_into().unwrap()), 1);
         assert_eq!(u32::from_ne_bytes(bytes[24..28].try_into().unwrap()), 1);
-        assert_eq!(u32::from_ne_bytes(bytes[28..32].try_into().unwrap()), 500_000);
+        assert_eq!(
+            u32::from_ne_bytes(bytes[28..32].try_into().unwrap()),
+            500_000
+        );
         assert_eq!(u32::from_ne_bytes(bytes[32..36].try_into().unwrap()), 60);
     }
 }

@@ -107,18 +107,21 @@ impl MachineReport {
             .collect();
         let failure = match oracle.verdict() {
             Verdict::Failed { stage, .. } => {
-                let expected = match stage.and_then(|s| oracle.expected().iter().find(|e| e.stage == s)) {
-                    Some(e) => format!("{} within {} ms of power-on", e.stage, e.within.as_millis()),
-                    None => format!(
-                        "no failure evidence; expected stages: {}",
-                        oracle
-                            .expected()
-                            .iter()
-                            .map(|e| e.stage.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                };
+                let expected =
+                    match stage.and_then(|s| oracle.expected().iter().find(|e| e.stage == s)) {
+                        Some(e) => {
+                            format!("{} within {} ms of power-on", e.stage, e.within.as_millis())
+                        }
+                        None => format!(
+                            "no failure evidence; expected stages: {}",
+                            oracle
+                                .expected()
+                                .iter()
+                                .map(|e| e.stage.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    };
                 let wire = oracle.wire();
                 Some(FailureEvidence {
                     console_tail: oracle.console_tail(),
@@ -179,7 +182,9 @@ pub struct RunReport {
 impl RunReport {
     /// True when every machine passed and the harness had no error.
     pub fn passed(&self) -> bool {
-        self.error.is_none() && !self.machines.is_empty() && self.machines.iter().all(|m| m.passed())
+        self.error.is_none()
+            && !self.machines.is_empty()
+            && self.machines.iter().all(|m| m.passed())
     }
 
     /// Write report.json and junit.xml into the run directory.
@@ -265,14 +270,29 @@ impl RunReport {
             for st in &m.stages {
                 match st.reached_ms {
                     Some(ms) => {
-                        let _ = writeln!(s, "    {:<16} {:>8.2} s", st.stage.as_str(), ms as f64 / 1000.0);
+                        let _ = writeln!(
+                            s,
+                            "    {:<16} {:>8.2} s",
+                            st.stage.as_str(),
+                            ms as f64 / 1000.0
+                        );
                     }
                     None => {
-                        let _ = writeln!(s, "    {:<16}        - (within {:.0} s)", st.stage.as_str(), st.within_ms as f64 / 1000.0);
+                        let _ = writeln!(
+                            s,
+                            "    {:<16}        - (within {:.0} s)",
+                            st.stage.as_str(),
+                            st.within_ms as f64 / 1000.0
+                        );
                     }
                 }
             }
-            if let Verdict::Failed { stage, reason, at_ms } = &m.verdict {
+            if let Verdict::Failed {
+                stage,
+                reason,
+                at_ms,
+            } = &m.verdict
+            {
                 let _ = writeln!(
                     s,
                     "    FAILED at {:.2} s, stage {}: {reason}",

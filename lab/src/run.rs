@@ -84,8 +84,7 @@ pub fn run_lab(lab: &LabFile, opts: &RunOptions) -> Result<RunReport> {
         Some(d) => d.clone(),
         None => runs_root().join(format!("{}-{stamp}-{suffix}", lab.lab.name)),
     };
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("creating {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let run_dir = run_dir.canonicalize()?;
     let mut report = RunReport {
         lab: lab.lab.name.clone(),
@@ -175,10 +174,9 @@ fn run_inner(
         let mut vm = Vm::spawn(spec, i, &args, run_dir, con_tx.clone())?;
         if let Err(err) = switch.wait_connected(port, CONNECT_TIMEOUT) {
             let _ = vm.exited();
-            let stderr = std::fs::read_to_string(
-                run_dir.join(format!("{}.qemu-stderr.log", vm.spec.name)),
-            )
-            .unwrap_or_default();
+            let stderr =
+                std::fs::read_to_string(run_dir.join(format!("{}.qemu-stderr.log", vm.spec.name)))
+                    .unwrap_or_default();
             bail!("{err}: QEMU said: {}", stderr.trim());
         }
         let expectations = expect
@@ -208,8 +206,11 @@ fn run_inner(
     }
     drop(con_tx);
 
-    let by_mac: HashMap<MacAddr, usize> =
-        oracles.iter().enumerate().map(|(i, o)| (o.mac, i)).collect();
+    let by_mac: HashMap<MacAddr, usize> = oracles
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.mac, i))
+        .collect();
     let mut tracker = WireTracker::new();
     let mut events = EventTail::new(server.event_log());
     let mut exits: Vec<Option<String>> = vec![None; vms.len()];
@@ -303,6 +304,24 @@ fn run_inner(
         }
     }
 
+    // Evidence already written but not yet read still belongs in the report (the verdict
+    // may have been reached on a console line while the matching event sat in the file).
+    for ev in events.read_new() {
+        if let Some(&i) = by_mac.get(&ev.mac)
+            && let Some(o) = oracles.get_mut(i)
+        {
+            o.on_event(&ev);
+        }
+    }
+    while let Ok(obs) = obs_rx.try_recv() {
+        for ev in tracker.observe(obs.at, &obs.frame) {
+            if let Some(&i) = by_mac.get(&ev.mac)
+                && let Some(o) = oracles.get_mut(i)
+            {
+                o.on_wire(&ev);
+            }
+        }
+    }
     for (i, vm) in vms.iter_mut().enumerate() {
         vm.shutdown();
         if let Some(slot) = exits.get_mut(i)

@@ -339,12 +339,8 @@ fn stream_port(
         };
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
         // Each frame is a 4-byte big-endian length followed by that many bytes (QEMU net.c).
-        loop {
-            let Some(len_bytes) = buf.get(..4) else {
-                break;
-            };
-            let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]])
-                as usize;
+        while let Some(len_bytes) = buf.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+            let len = u32::from_be_bytes(len_bytes) as usize;
             if len > MAX_FRAME {
                 break 'outer;
             }
@@ -514,8 +510,7 @@ impl Core {
             return;
         };
         // Learn the source unless it is a group address (those never appear as sources).
-        if src[0] & 1 == 0 && (self.macs.len() < MAC_TABLE_LIMIT || self.macs.contains_key(&src))
-        {
+        if src[0] & 1 == 0 && (self.macs.len() < MAC_TABLE_LIMIT || self.macs.contains_key(&src)) {
             self.macs.insert(src, from);
         }
         let targets: Vec<PortId> = match self.macs.get(&dst) {

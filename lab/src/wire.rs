@@ -417,7 +417,10 @@ impl WireTracker {
                 }
                 self.http_order.push_back(key);
             }
-            self.http.entry(key).or_default().push_back(path.to_string());
+            self.http
+                .entry(key)
+                .or_default()
+                .push_back(path.to_string());
             return vec![WireEvidence {
                 at,
                 mac: f.src,
@@ -531,15 +534,37 @@ mod tests {
     fn dhcp_stages_from_the_wire() {
         let mut t = WireTracker::new();
         let now = SystemTime::now();
-        let disc = udp_frame(CLIENT, [0xff; 6], ([0; 4], [255; 4]), (68, 67), &bootp(1, 1, [0; 4], &[]));
+        let disc = udp_frame(
+            CLIENT,
+            [0xff; 6],
+            ([0; 4], [255; 4]),
+            (68, 67),
+            &bootp(1, 1, [0; 4], &[]),
+        );
         let ev = t.observe(now, &disc);
         assert_eq!(ev[0].stage, Some(BootStage::DhcpDiscover));
         assert_eq!(ev[0].mac, MacAddr(CLIENT));
-        let ack = udp_frame(SERVER, CLIENT, (S_IP, C_IP), (67, 68), &bootp(2, 5, C_IP, &[]));
+        let ack = udp_frame(
+            SERVER,
+            CLIENT,
+            (S_IP, C_IP),
+            (67, 68),
+            &bootp(2, 5, C_IP, &[]),
+        );
         let ev = t.observe(now, &ack);
         assert_eq!(ev[0].stage, Some(BootStage::DhcpAck));
-        assert!(ev[0].summary.contains("yiaddr=10.0.0.100"), "{}", ev[0].summary);
-        let ipxe = udp_frame(CLIENT, [0xff; 6], ([0; 4], [255; 4]), (68, 67), &bootp(1, 1, [0; 4], &[175, 2, 1, 1]));
+        assert!(
+            ev[0].summary.contains("yiaddr=10.0.0.100"),
+            "{}",
+            ev[0].summary
+        );
+        let ipxe = udp_frame(
+            CLIENT,
+            [0xff; 6],
+            ([0; 4], [255; 4]),
+            (68, 67),
+            &bootp(1, 1, [0; 4], &[175, 2, 1, 1]),
+        );
         assert_eq!(t.observe(now, &ipxe)[0].stage, Some(BootStage::IpxeDhcp));
         // Truncated options: no panic, no evidence.
         let mut cut = bootp(1, 1, [0; 4], &[60, 50, 1]);
@@ -561,14 +586,23 @@ mod tests {
         let now = SystemTime::now();
         let c = |ports, p: &[u8]| udp_frame(CLIENT, SERVER, (C_IP, S_IP), ports, p);
         let s = |ports, p: &[u8]| udp_frame(SERVER, CLIENT, (S_IP, C_IP), ports, p);
-        let rrq = c((2000, 69), &tftp(1, b"boot.ipxe\0octet\0blksize\01024\0"));
+        let rrq = c((2000, 69), &tftp(1, b"boot.ipxe\0octet\0blksize\x001024\0"));
         assert_eq!(t.observe(now, &rrq)[0].stage, Some(BootStage::TftpRequest));
-        let oack = s((3000, 2000), &tftp(6, b"blksize\01024\0"));
+        let oack = s((3000, 2000), &tftp(6, b"blksize\x001024\0"));
         assert_eq!(t.observe(now, &oack)[0].stage, Some(BootStage::TftpOack));
-        let full = s((3000, 2000), &[&tftp(3, &[0, 1])[..], &[7u8; 1024][..]].concat());
+        let full = s(
+            (3000, 2000),
+            &[&tftp(3, &[0, 1])[..], &[7u8; 1024][..]].concat(),
+        );
         assert!(t.observe(now, &full).is_empty());
-        assert!(t.observe(now, &c((2000, 3000), &tftp(4, &[0, 1]))).is_empty());
-        let short = s((3000, 2000), &[&tftp(3, &[0, 2])[..], &[7u8; 10][..]].concat());
+        assert!(
+            t.observe(now, &c((2000, 3000), &tftp(4, &[0, 1])))
+                .is_empty()
+        );
+        let short = s(
+            (3000, 2000),
+            &[&tftp(3, &[0, 2])[..], &[7u8; 10][..]].concat(),
+        );
         assert!(t.observe(now, &short).is_empty());
         let done = t.observe(now, &c((2000, 3000), &tftp(4, &[0, 2])));
         assert_eq!(done[0].stage, Some(BootStage::TftpComplete));
@@ -579,7 +613,7 @@ mod tests {
         assert_eq!(err[0].stage, Some(BootStage::TftpError));
         assert!(err[0].summary.contains("File not found"));
 
-        let rrq = c((2002, 69), &tftp(1, b"probe\0octet\0tsize\00\0"));
+        let rrq = c((2002, 69), &tftp(1, b"probe\0octet\0tsize\x000\0"));
         t.observe(now, &rrq);
         let probe = t.observe(now, &c((2002, 3002), &tftp(5, b"\0\x08\0")));
         assert_eq!(probe[0].stage, Some(BootStage::TftpProbe));
@@ -599,9 +633,18 @@ mod tests {
 
     #[test]
     fn http_paths() {
-        assert_eq!(classify_http_path("/boot/vmlinuz"), Some(BootStage::HttpKernel));
-        assert_eq!(classify_http_path("/x/initrd.gz"), Some(BootStage::HttpInitrd));
-        assert_eq!(classify_http_path("/boot.ipxe"), Some(BootStage::HttpScript));
+        assert_eq!(
+            classify_http_path("/boot/vmlinuz"),
+            Some(BootStage::HttpKernel)
+        );
+        assert_eq!(
+            classify_http_path("/x/initrd.gz"),
+            Some(BootStage::HttpInitrd)
+        );
+        assert_eq!(
+            classify_http_path("/boot.ipxe"),
+            Some(BootStage::HttpScript)
+        );
         assert_eq!(classify_http_path("/api/phone-home?x"), None);
     }
 }
