@@ -56,17 +56,17 @@ pub fn doctor() -> Vec<Check> {
         ),
         check(
             "iPXE ROM for e1000",
-            file("/usr/share/qemu/pxe-e1000.rom"),
+            file("/usr/lib/ipxe/qemu/efi-e1000.rom"),
             "apt-get install ipxe-qemu",
         ),
         check(
             "iPXE ROM for virtio-net",
-            file("/usr/share/qemu/pxe-virtio.rom"),
+            file("/usr/lib/ipxe/qemu/efi-virtio.rom"),
             "apt-get install ipxe-qemu",
         ),
         check(
             "EFI ROM for e1000",
-            file("/usr/share/qemu/efi-e1000.rom"),
+            file("/usr/lib/ipxe/qemu/pxe-e1000.rom"),
             "apt-get install ipxe-qemu",
         ),
         check("OVMF code", file(OVMF_CODE), "apt-get install ovmf"),
