@@ -55,17 +55,17 @@ pub fn doctor() -> Vec<Check> {
             "apt-get install qemu-system-x86",
         ),
         check(
-            "iPXE ROM for e1000",
+            "QEMU ROM e1000 (BIOS+EFI)",
             file("/usr/lib/ipxe/qemu/efi-e1000.rom"),
             "apt-get install ipxe-qemu",
         ),
         check(
-            "iPXE ROM for virtio-net",
+            "QEMU ROM virtio (BIOS+EFI)",
             file("/usr/lib/ipxe/qemu/efi-virtio.rom"),
             "apt-get install ipxe-qemu",
         ),
         check(
-            "EFI ROM for e1000",
+            "QEMU ROM e1000 (BIOS only)",
             file("/usr/lib/ipxe/qemu/pxe-e1000.rom"),
             "apt-get install ipxe-qemu",
         ),
@@ -152,7 +152,7 @@ pub fn doctor() -> Vec<Check> {
         }
     };
     v.push(check(
-        "KVM",
+        "KVM (optional)",
         kvm,
         "nothing required: TCG works; for KVM fix nested virtualisation on the host",
     ));
