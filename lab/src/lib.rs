@@ -1,14 +1,26 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! pxelab: the lab harness. A private virtual LAN (a userspace switch plus a TAP uplink into a
+//! network namespace where the boot server runs), QEMU machines on it, a generated test OS,
+//! and an oracle that proves each boot stage from server events, serial consoles and packets.
+//!
+//! # Layout
+//! - [`netns`], [`switch`], [`pcap`]: the virtual LAN.
+//! - [`machine`]: firmware/NIC/ROM catalogue and running QEMUs.
+//! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
+//! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
+//! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
+//! - [`labfile`], [`run`]: lab definitions and running them; [`doctor`], [`cleanup`]: CLI helpers.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod cleanup;
+pub mod cpio;
+pub mod doctor;
+pub mod labfile;
+pub mod machine;
+pub mod netns;
+pub mod oracle;
+pub mod payload;
+pub mod pcap;
+pub mod report;
+pub mod run;
+pub mod server;
+pub mod switch;
+pub mod wire;
