@@ -70,10 +70,22 @@ pub struct ServerSection {
     /// make a broken lab).
     pub boot_file: Option<String>,
     /// pxed: a config template; `{server_ip}`, `{interface}`, `{event_log}`, `{tftp_root}`,
-    /// `{kernel}`, `{initrd}`, `{phone_url}`, `{run_dir}` are filled in.
+    /// `{kernel}`, `{initrd}`, `{phone_url}`, `{run_dir}`, `{pool_start}`, `{pool_end}`
+    /// are filled in.
     pub config: Option<PathBuf>,
     /// pxed: the binary (default `pxed` on PATH, or `$PXELAB_PXED`).
     pub binary: Option<PathBuf>,
+    /// Another DHCP server on the lab LAN that gives the addresses (for pxed in proxy mode):
+    /// it runs in its own namespace at x.y.z.2, joined to the lab switch by its own TAP.
+    pub address_server: Option<AddressServer>,
+}
+
+/// A DHCP server that gives addresses and no boot data.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressServer {
+    /// dnsmasq with a `dhcp-range` and nothing else.
+    Dnsmasq,
 }
 
 /// `[[machine]]`.

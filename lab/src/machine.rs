@@ -451,7 +451,7 @@ pub fn probe_kvm(kernel: &Path, initrd: &Path) -> Result<()> {
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1"])
+        .args(["-append", "console=ttyS0 panic=-1 no_timer_check"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -14,13 +14,13 @@ use anyhow::{Context, Result, bail};
 use pxed::events::BootEvent;
 use pxed::mac::MacAddr;
 
-use crate::labfile::{DEFAULT_TCG_SCALE, LabFile, ServerKind, parse_subnet};
+use crate::labfile::{AddressServer, DEFAULT_TCG_SCALE, LabFile, ServerKind, parse_subnet};
 use crate::machine::{Accel, Vm, choose_accel, qemu_command};
 use crate::netns::Netns;
 use crate::oracle::{Expectation, MachineOracle, Verdict};
 use crate::payload::{Payload, cache_dir, ensure_payload};
 use crate::report::{MachineReport, RunReport};
-use crate::server::{Dnsmasq, Pxed, ServerContext, ServerProcess};
+use crate::server::{AddressOnlyDnsmasq, Dnsmasq, Pxed, ServerContext, ServerProcess};
 use crate::switch::{LabSwitch, PassThrough};
 use crate::wire::WireTracker;
 
@@ -161,6 +161,19 @@ fn run_inner(
                 .as_ref()
                 .context("pxed needs a config template")?;
             Box::new(Pxed::start(&ctx, &binary, template)?)
+        }
+    };
+
+    // The "existing DHCP server" for proxy labs: its own namespace and TAP at x.y.z.2.
+    let _address_server = match lab.server.address_server {
+        None => None,
+        Some(AddressServer::Dnsmasq) => {
+            let peer_ns = Netns::create(&format!("{suffix}a"))?;
+            let peer_tap =
+                peer_ns.create_tap(TAP_NAME, &format!("{}/24", Ipv4Addr::new(a, b, c, 2)))?;
+            switch.add_tap_port("address-server", peer_tap, Box::new(PassThrough))?;
+            let server = AddressOnlyDnsmasq::start(&peer_ns, TAP_NAME, ctx.pool(), run_dir)?;
+            Some((server, peer_ns))
         }
     };
 

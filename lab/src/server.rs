@@ -44,7 +44,7 @@ pub struct ServerContext<'a> {
 
 impl ServerContext<'_> {
     /// The lab's /24 as (first, last) of the client pool.
-    fn pool(&self) -> (Ipv4Addr, Ipv4Addr) {
+    pub fn pool(&self) -> (Ipv4Addr, Ipv4Addr) {
         let [a, b, c, _] = self.server_ip.octets();
         (Ipv4Addr::new(a, b, c, 100), Ipv4Addr::new(a, b, c, 199))
     }
@@ -128,7 +128,7 @@ impl Dnsmasq {
             tftp.join("boot.ipxe"),
             format!(
                 "#!ipxe\n\
-                 kernel tftp://{ip}/vmlinuz initrd=initrd.gz console=ttyS0 panic=-1 {PHONE_PARAM}={}\n\
+                 kernel tftp://{ip}/vmlinuz initrd=initrd.gz console=ttyS0 panic=-1 no_timer_check {PHONE_PARAM}={}\n\
                  initrd tftp://{ip}/initrd.gz\n\
                  boot\n",
                 phone.url()
@@ -227,6 +227,81 @@ impl ServerProcess for Dnsmasq {
     }
 }
 
+/// The iPXE binaries from Debian's `ipxe` package that pxed hands to firmware.
+const IPXE_DIR: &str = "/usr/lib/ipxe";
+/// pxed's HTTP port in lab configs (pxed's default).
+pub const PXED_HTTP_PORT: u16 = 8080;
+/// How long pxed may take to bind its sockets.
+const PXED_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// dnsmasq giving addresses only, in its own namespace: the "existing DHCP server" that
+/// pxed's proxy mode works beside.
+pub struct AddressOnlyDnsmasq {
+    proc: Guarded,
+}
+
+impl AddressOnlyDnsmasq {
+    /// Start it on `interface` in `netns`, handing out `pool`.
+    pub fn start(
+        netns: &Netns,
+        interface: &str,
+        pool: (Ipv4Addr, Ipv4Addr),
+        run_dir: &Path,
+    ) -> Result<Self> {
+        let pid = run_dir.join("address-server.pid");
+        // no-ping: dnsmasq's 3 s conflict check only slows the lab; nothing else is on it.
+        let child = netns
+            .command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--port=0",
+                "--bind-interfaces",
+                "--no-ping",
+                "--log-dhcp",
+                "--user=root",
+            ])
+            .arg(format!("--interface={interface}"))
+            .arg(format!(
+                "--dhcp-range={},{},255.255.255.0,1h",
+                pool.0, pool.1
+            ))
+            .arg(format!(
+                "--dhcp-leasefile={}",
+                run_dir.join("address-server.leases").display()
+            ))
+            .arg(format!(
+                "--log-facility={}",
+                run_dir.join("address-server.log").display()
+            ))
+            .arg(format!("--pid-file={}", pid.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(
+                run_dir.join("address-server.stderr.log"),
+            )?)
+            .spawn()
+            .context("starting dnsmasq as the address server")?;
+        let mut proc = Guarded { child, done: None };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !pid.exists() {
+            if let Some(st) = proc.exited() {
+                bail!("address-server dnsmasq exited at start ({st})");
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("address-server dnsmasq did not start within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(AddressOnlyDnsmasq { proc })
+    }
+}
+
+impl Drop for AddressOnlyDnsmasq {
+    fn drop(&mut self) {
+        self.proc.stop();
+    }
+}
+
 /// pxed, started from a config template with the lab's values filled in.
 pub struct Pxed {
     proc: Guarded,
@@ -241,9 +316,15 @@ impl Pxed {
         std::fs::create_dir_all(&tftp)?;
         link_or_copy(&ctx.payload.kernel, &tftp.join("vmlinuz"))?;
         link_or_copy(&ctx.payload.initrd, &tftp.join("initrd.gz"))?;
+        for nbp in ["undionly.kpxe", "snponly.efi", "ipxe.efi"] {
+            let from = Path::new(IPXE_DIR).join(nbp);
+            if from.exists() {
+                link_or_copy(&from, &tftp.join(nbp))?;
+            }
+        }
         let events = ctx.run_dir.join("events.jsonl");
         let phone = format!(
-            "http://{}/api/phone-home?stage={}",
+            "http://{}:{PXED_HTTP_PORT}/api/phone-home?stage={}",
             ctx.server_ip,
             BootStage::OsPhoneHome.as_str()
         );
@@ -257,6 +338,8 @@ impl Pxed {
             .replace("{kernel}", &ctx.payload.kernel.display().to_string())
             .replace("{initrd}", &ctx.payload.initrd.display().to_string())
             .replace("{phone_url}", &phone)
+            .replace("{pool_start}", &ctx.pool().0.to_string())
+            .replace("{pool_end}", &ctx.pool().1.to_string())
             .replace("{run_dir}", &ctx.run_dir.display().to_string());
         let conf = ctx.run_dir.join("pxed.toml");
         std::fs::write(&conf, rendered)?;
@@ -271,8 +354,32 @@ impl Pxed {
             .stderr(std::fs::File::create(ctx.run_dir.join("pxed.stderr.log"))?)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
+        let mut proc = Guarded { child, done: None };
+        // pxed binds DHCP, TFTP and then HTTP before serving: once HTTP accepts, all are up.
+        let addr = std::net::SocketAddr::from((ctx.server_ip, PXED_HTTP_PORT));
+        let deadline = std::time::Instant::now() + PXED_START_TIMEOUT;
+        loop {
+            let up = ctx
+                .netns
+                .enter(move || {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                })
+                .is_ok();
+            if up {
+                break;
+            }
+            if let Some(st) = proc.exited() {
+                let err = std::fs::read_to_string(ctx.run_dir.join("pxed.stderr.log"))
+                    .unwrap_or_default();
+                bail!("pxed exited at start ({st}): {}", err.trim());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("pxed did not accept HTTP on {addr} within {PXED_START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(Pxed {
-            proc: Guarded { child, done: None },
+            proc,
             events,
             phone,
         })

@@ -94,13 +94,13 @@ pub struct ReplyShape {
 pub fn reply_shape(class: ClientClass, mode: DhcpMode) -> ReplyShape {
     let proxy = mode == DhcpMode::Proxy;
     match class {
-        // iPXE takes the file from an offer with PXEClient + 43 {6: 8}. As a ProxyDHCP client
-        // it still sends its ProxyDHCPREQUEST to 4011, which pxed answers.
+        // iPXE takes the file from an offer with PXEClient + 43 {6: 8}, also from a proxy
+        // offer: the pxed-proxy lab shows no ProxyDHCPREQUEST to 4011 from iPXE.
         ClientClass::IpxeBios | ClientClass::IpxeEfi => ReplyShape {
             vendor_id: VendorId::PxeClient,
             discovery_control: Some(DISCOVERY_USE_BOOTFILE),
             ipxe_no_pxedhcp: !proxy,
-            expects_4011: proxy,
+            expects_4011: false,
         },
         // EDK2: in full mode 43 {6: 8} makes it boot the file in the offer (measured: 12.3 s
         // instead of a stall). In proxy mode no 43: the offer is BINL and EDK2 asks 4011.

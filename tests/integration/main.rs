@@ -5,4 +5,5 @@ mod support;
 
 mod dhcp_proxy;
 mod http;
+mod lab_boot;
 mod tftp;
