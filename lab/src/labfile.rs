@@ -75,6 +75,9 @@ pub struct ServerSection {
     pub config: Option<PathBuf>,
     /// pxed: the binary (default `pxed` on PATH, or `$PXELAB_PXED`).
     pub binary: Option<PathBuf>,
+    /// dnsmasq: `defaults` or `tuned` (the default: no ping, an RA, option 60 and 43).
+    #[serde(default)]
+    pub dnsmasq: crate::server::DnsmasqTuning,
     /// Another DHCP server on the lab LAN that gives the addresses (for pxed in proxy mode):
     /// it runs in its own namespace at x.y.z.2, joined to the lab switch by its own TAP.
     pub address_server: Option<AddressServer>,

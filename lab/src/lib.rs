@@ -8,10 +8,12 @@
 //! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
 //! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
-//! - [`labfile`], [`run`]: lab definitions and running them; [`doctor`], [`cleanup`]: CLI helpers.
+//! - [`labfile`], [`run`]: lab definitions and running them; [`demo`]: the built-in demo lab;
+//!   [`doctor`], [`cleanup`]: CLI helpers.
 
 pub mod cleanup;
 pub mod cpio;
+pub mod demo;
 pub mod doctor;
 pub mod labfile;
 pub mod machine;

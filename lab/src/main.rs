@@ -25,35 +25,56 @@ enum Cmd {
         #[arg(long)]
         run_dir: Option<PathBuf>,
     },
+    /// Boot the demo lab: a BIOS and a UEFI machine network-boot through pxed.
+    Demo {
+        /// The pxed binary (default: $PXELAB_PXED, else `pxed` on PATH).
+        #[arg(long)]
+        pxed: Option<PathBuf>,
+    },
     /// Check QEMU, ROMs, firmware, KVM, namespace rights and disk space.
     Doctor,
     /// Remove namespaces and QEMU processes left by crashed runs.
     Clean,
 }
 
+/// Run a lab, print its report, and turn the verdict into an exit code.
+fn run_and_report(lab: &pxelab::labfile::LabFile, run_dir: Option<PathBuf>) -> ExitCode {
+    let opts = pxelab::run::RunOptions {
+        progress: true,
+        run_dir,
+    };
+    match pxelab::run::run_lab(lab, &opts) {
+        Ok(report) => {
+            print!("{}", report.summary());
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("pxelab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Run { lab, run_dir } => {
-            let lab = match pxelab::labfile::LabFile::load(&lab) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("pxelab: {e:#}");
-                    return ExitCode::from(2);
-                }
-            };
-            let opts = pxelab::run::RunOptions {
-                progress: true,
-                run_dir,
-            };
-            match pxelab::run::run_lab(&lab, &opts) {
-                Ok(report) => {
-                    print!("{}", report.summary());
-                    if report.passed() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
+        Cmd::Run { lab, run_dir } => match pxelab::labfile::LabFile::load(&lab) {
+            Ok(l) => run_and_report(&l, run_dir),
+            Err(e) => {
+                eprintln!("pxelab: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Demo { pxed } => {
+            let dir = pxelab::run::runs_root().join("demo-config");
+            match pxelab::demo::demo_lab(&dir) {
+                Ok(mut lab) => {
+                    lab.server.binary = pxed;
+                    run_and_report(&lab, None)
                 }
                 Err(e) => {
                     eprintln!("pxelab: {e:#}");

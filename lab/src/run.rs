@@ -28,6 +28,9 @@ use crate::wire::WireTracker;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often the oracle loop wakes when nothing arrives (deadline checks, exits, event file).
 const LOOP_TICK: Duration = Duration::from_millis(50);
+/// After a passing verdict, how long machines may take to power off by themselves (the test
+/// OS prints its last marker, then powers off) so that their last console lines are evidence.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// The TAP device's name inside the lab namespace.
 const TAP_NAME: &str = "tap0";
 
@@ -147,6 +150,7 @@ fn run_inner(
         ServerKind::Dnsmasq => Box::new(Dnsmasq::start(
             &ctx,
             lab.server.boot_file.as_deref().unwrap_or("boot.ipxe"),
+            lab.server.dnsmasq,
         )?),
         ServerKind::Pxed => {
             let binary = lab
@@ -317,6 +321,23 @@ fn run_inner(
         }
     }
 
+    // A verdict can come from the server's event before the console line that says the same
+    // thing: let passing machines finish and power off, reading their consoles meanwhile.
+    if oracles.iter().all(|o| o.verdict() == &Verdict::Passed) {
+        let grace_end = Instant::now() + EXIT_GRACE;
+        while Instant::now() < grace_end && vms.iter_mut().any(|vm| vm.exited().is_none()) {
+            if let Ok(line) = con_rx.recv_timeout(LOOP_TICK)
+                && let Some(o) = oracles.get_mut(line.vm)
+            {
+                o.on_console(line.at, &line.text);
+            }
+        }
+    }
+    while let Ok(line) = con_rx.try_recv() {
+        if let Some(o) = oracles.get_mut(line.vm) {
+            o.on_console(line.at, &line.text);
+        }
+    }
     // Evidence already written but not yet read still belongs in the report (the verdict
     // may have been reached on a console line while the matching event sat in the file).
     for ev in events.read_new() {
