@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::dhcp::DhcpConfig;
 use crate::http::HttpConfig;
 use crate::policy::{
-    GroupConfig, IpxeBinaries, MachineConfig, Policy, PolicyConfig, PolicyError, ProfileConfig,
+    GroupConfig, IpxeBinaries, MachineConfig, Policy, PolicyConfig, PolicyErrors, ProfileConfig,
 };
 use crate::tftp::TftpConfig;
 
@@ -98,13 +98,13 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// The policy sections do not fit together.
-    #[error("{path}: {source}")]
+    /// The policy sections do not fit together: every problem, each at its entry's line.
+    #[error("{}", located.iter().map(|(line, e)| format!("{}:{line}: {e}", path.display())).collect::<Vec<_>>().join("\n"))]
     Policy {
         /// File.
         path: PathBuf,
-        /// The problem.
-        source: PolicyError,
+        /// Each problem with the 1-based line of the `[[table]]` entry it is in (1 if unknown).
+        located: Vec<(usize, crate::policy::PolicyError)>,
     },
     /// A value that parses but cannot work.
     #[error("{path}: {message}")]
@@ -114,6 +114,27 @@ pub enum ConfigError {
         /// The problem.
         message: String,
     },
+}
+
+/// The line of the `[[table]]` entry whose `name` (or `mac`, for machines) is `key`.
+fn entry_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let header = format!("[[{table}]]");
+    let field = if table == "machine" { "mac" } else { "name" };
+    let mut current: Option<usize> = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = (t == header).then_some(i + 1);
+            continue;
+        }
+        if let (Some(start), Some((k, v))) = (current, t.split_once('='))
+            && k.trim() == field
+            && v.trim().trim_matches('"').eq_ignore_ascii_case(key)
+        {
+            return Some(start);
+        }
+    }
+    None
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -135,6 +156,22 @@ impl Config {
 
     /// Check config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_located(text, path).map_err(|e| match e {
+            ConfigError::Policy { path, located } => ConfigError::Policy {
+                path,
+                located: located
+                    .into_iter()
+                    .map(|(_, err)| {
+                        let (table, key) = err.subject();
+                        (entry_line(text, table, &key).unwrap_or(1), err)
+                    })
+                    .collect(),
+            },
+            other => other,
+        })
+    }
+
+    fn parse_located(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             ConfigError::Syntax {
@@ -156,9 +193,9 @@ impl Config {
             machines: file.machine,
         }
         .validate()
-        .map_err(|source| ConfigError::Policy {
+        .map_err(|PolicyErrors(errors)| ConfigError::Policy {
             path: path.to_path_buf(),
-            source,
+            located: errors.into_iter().map(|e| (1, e)).collect(),
         })?;
         file.dhcp
             .validate()
@@ -207,7 +244,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("t.toml: group `g` refers to profile `x`"),
+            err.contains("t.toml:3: group `g` refers to profile `x`"),
+            "{err}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod located_tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_error_is_reported_at_its_entry() {
+        let text = r#"[server]
+root = "/srv"
+[[profile]]
+name = "a"
+[[profile]]
+name = "b"
+local = true
+nbp = "x"
+[[group]]
+name = "g"
+profile = "nope"
+[[machine]]
+mac = "52:54:00:00:00:01"
+profile = "gone"
+"#;
+        let err = Config::parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 4, "{err}");
+        assert!(
+            lines[0].starts_with("t.toml:3: profile `a`: sets no way to boot"),
+            "{err}"
+        );
+        assert!(
+            lines[1].starts_with("t.toml:5: profile `b`: sets several ways"),
+            "{err}"
+        );
+        assert!(
+            lines[2].starts_with("t.toml:9: group `g` refers to profile `nope`"),
+            "{err}"
+        );
+        assert!(
+            lines[3].starts_with("t.toml:12: machine 52:54:00:00:00:01 refers"),
             "{err}"
         );
     }

@@ -187,6 +187,10 @@ pub enum PolicyError {
     /// A reference to a profile that does not exist.
     #[error("{from} refers to profile `{profile}`, which is not defined")]
     UnknownProfile {
+        /// The table of the entry that refers to it.
+        table: &'static str,
+        /// That entry's name (or MAC).
+        key: String,
         /// Who refers to it.
         from: String,
         /// The missing name.
@@ -395,45 +399,111 @@ impl ProfileConfig {
     }
 }
 
+/// Every problem found in the policy sections, in file order of the checks.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl std::fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+impl PolicyError {
+    /// The `[[table]]` entry the problem is in, as (table, key value): `("profile", name)`,
+    /// `("group", name)` or `("machine", mac)`. Used to point at the entry's line.
+    pub fn subject(&self) -> (&'static str, String) {
+        match self {
+            PolicyError::DuplicateProfile(name) => ("profile", name.clone()),
+            PolicyError::BadProfile { name, .. } => ("profile", name.clone()),
+            PolicyError::UnknownProfile { table, key, .. } => (table, key.clone()),
+            PolicyError::BadMacPattern { group, .. } | PolicyError::UnknownArch { group, .. } => {
+                ("group", group.clone())
+            }
+            PolicyError::DuplicateMachine(mac) => ("machine", mac.to_string()),
+        }
+    }
+}
+
 impl PolicyConfig {
-    /// Check every cross-reference and turn the config into a [`Policy`]. Reports the first
-    /// problem with the name of the profile, group or machine it is in.
-    pub fn validate(self) -> Result<Policy, PolicyError> {
+    /// Check every cross-reference and turn the config into a [`Policy`]. Reports every
+    /// problem, each with the name of the profile, group or machine it is in.
+    pub fn validate(self) -> Result<Policy, PolicyErrors> {
+        let mut errors = Vec::new();
         let mut names = HashSet::new();
         let mut profiles = Vec::new();
         for p in self.profiles {
             if !names.insert(p.name.clone()) {
-                return Err(PolicyError::DuplicateProfile(p.name));
+                errors.push(PolicyError::DuplicateProfile(p.name));
+                continue;
             }
             let name = p.name.clone();
-            let target = p.into_target()?;
-            profiles.push((name, target));
+            match p.into_target() {
+                Ok(target) => profiles.push((name, target)),
+                Err(e) => errors.push(e),
+            }
         }
-        let known = |from: String, profile: &str| {
-            if names.contains(profile) {
-                Ok(())
-            } else {
-                Err(PolicyError::UnknownProfile {
+        let mut known = |table: &'static str, key: &str, from: String, profile: &str| {
+            if !names.contains(profile) {
+                errors.push(PolicyError::UnknownProfile {
+                    table,
+                    key: key.to_string(),
                     from,
                     profile: profile.to_string(),
-                })
+                });
             }
         };
         for (name, target) in &profiles {
             if let BootTarget::Menu { items, default, .. } = target {
                 for item in items {
-                    known(format!("menu of profile `{name}`"), &item.profile)?;
+                    known(
+                        "profile",
+                        name,
+                        format!("menu of profile `{name}`"),
+                        &item.profile,
+                    );
                 }
                 if let Some(d) = default {
-                    known(format!("menu default of profile `{name}`"), d)?;
+                    known(
+                        "profile",
+                        name,
+                        format!("menu default of profile `{name}`"),
+                        d,
+                    );
                 }
             }
         }
         for g in &self.groups {
-            known(format!("group `{}`", g.name), &g.profile)?;
+            known("group", &g.name, format!("group `{}`", g.name), &g.profile);
+        }
+        for m in &self.machines {
+            if let Some(p) = &m.profile {
+                known(
+                    "machine",
+                    &m.mac.to_string(),
+                    format!("machine {}", m.mac),
+                    p,
+                );
+            }
+        }
+        let mut macs = HashSet::new();
+        for m in &self.machines {
+            if !macs.insert(m.mac) {
+                errors.push(PolicyError::DuplicateMachine(m.mac));
+            }
+        }
+        for g in &self.groups {
             for m in &g.matches.mac {
                 if parse_mac_prefix(m).is_none() {
-                    return Err(PolicyError::BadMacPattern {
+                    errors.push(PolicyError::BadMacPattern {
                         group: g.name.clone(),
                         mac: m.clone(),
                     });
@@ -441,21 +511,15 @@ impl PolicyConfig {
             }
             for code in &g.matches.arch {
                 if ClientArch::from_code(*code).is_none() {
-                    return Err(PolicyError::UnknownArch {
+                    errors.push(PolicyError::UnknownArch {
                         group: g.name.clone(),
                         code: *code,
                     });
                 }
             }
         }
-        let mut macs = HashSet::new();
-        for m in &self.machines {
-            if !macs.insert(m.mac) {
-                return Err(PolicyError::DuplicateMachine(m.mac));
-            }
-            if let Some(p) = &m.profile {
-                known(format!("machine {}", m.mac), p)?;
-            }
+        if !errors.is_empty() {
+            return Err(PolicyErrors(errors));
         }
         Ok(Policy {
             profiles,

@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 pub use arch::{ClientArch, Cpu, Firmware};
 pub use config::{
     GroupConfig, IpxeBinaries, MachineConfig, MatchSpec, MenuItemConfig, PolicyConfig, PolicyError,
-    ProfileConfig,
+    PolicyErrors, ProfileConfig,
 };
 
 use crate::mac::MacAddr;

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cli;
 mod dhcp_proxy;
 mod http;
 mod lab_boot;
