@@ -7,10 +7,12 @@
 //! - [`machine`]: firmware/NIC/ROM catalogue and running QEMUs.
 //! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
-//! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
+//! - [`wire`], [`oracle`], [`report`], [`breakdown`]: evidence, verdicts, reports, and where
+//!   the seconds of each boot went.
 //! - [`labfile`], [`run`]: lab definitions and running them; [`demo`]: the built-in demo lab;
 //!   [`doctor`], [`cleanup`]: CLI helpers.
 
+pub mod breakdown;
 pub mod cleanup;
 pub mod cpio;
 pub mod demo;
