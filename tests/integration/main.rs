@@ -6,3 +6,4 @@ mod support;
 mod dhcp_proxy;
 mod http;
 mod tftp;
+mod tftp_netboot;
