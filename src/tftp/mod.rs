@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub mod client;
 pub mod engine;
 pub mod fs;
 pub mod server;
