@@ -88,12 +88,18 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
     };
     let mut tries = 0u32;
     let mut gap_acked = false;
+    let mut progress = Instant::now();
     loop {
-        let received = tokio::time::timeout(spec.timeout, sock.recv_from(&mut buf)).await;
+        // The timer runs from the last progress, not the last packet: stale retransmissions
+        // arriving must not keep a stalled transfer from retransmitting its ACK.
+        let wait = spec.timeout.saturating_sub(progress.elapsed());
+        let received = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await;
         let (n, from) = match received {
             Ok(r) => r?,
             Err(_) => {
                 tries += 1;
+                progress = Instant::now();
+                gap_acked = false;
                 if tries > spec.retries {
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
                 }
@@ -110,6 +116,7 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
         match wire::parse(bytes) {
             Ok(Packet::Oack(options)) if peer.is_none() => {
                 peer = Some(from);
+                progress = Instant::now();
                 for (name, value) in options {
                     match name.as_str() {
                         "blksize" => blksize = value.parse().unwrap_or(blksize),
@@ -139,6 +146,7 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
                     continue;
                 }
                 gap_acked = false;
+                progress = Instant::now();
                 result.bytes += payload.len() as u64;
                 result.checksum = fnv1a(result.checksum, payload);
                 in_window += 1;

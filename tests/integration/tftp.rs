@@ -821,7 +821,7 @@ async fn transfer_survives_a_request_flood() {
     /// Floods shorter than this prove little.
     const MIN_FLOOD_PACKETS: u64 = 2000;
     let lab = Lab::start(TftpConfig::default()).await;
-    let big = noise(8 << 20, 77);
+    let big = noise(24 << 20, 77);
     lab.put("big.bin", &big);
     let out = tempfile::tempdir().unwrap();
     let url = format!("tftp://{}/big.bin", lab.addr);
