@@ -14,8 +14,9 @@ use pxed::stage::BootStage;
 use crate::require_root;
 use crate::support::{Daemon, NetNs, run, udp_listening, wait_for};
 
-/// One VM boot, power-on to the kernel's download, under TCG (measured 10-25 s).
-const BOOT_DEADLINE: Duration = Duration::from_secs(40);
+/// One VM boot, power-on to the kernel's download, under TCG: measured 10-25 s alone; the
+/// deadline leaves room for a 2-core machine running the rest of the suite at the same time.
+const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 const SERVER: &str = "10.77.0.1";
 /// ipxe.lkrn is a bzImage kernel that runs its command line as an iPXE script: the marker on
 /// the serial console proves the kernel booted with the APPEND line pxed rendered.
