@@ -189,6 +189,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if cfg.tftp.enabled {
         let files = tftp::server::root_source(&cfg.tftp, cfg.server.root.clone())
             .with_context(|| format!("boot root {}", cfg.server.root.display()))?;
+        // Real files first, then pxelinux/GRUB configs and boot.ipxe rendered from the policy.
+        let files = Arc::new(tftp::virtual_files::PolicyFiles::new(
+            files,
+            policy.clone(),
+            ServerAddrs {
+                ip: server_ip,
+                http_port: cfg.http.port,
+            },
+        ));
         let bind = SocketAddr::from((server_ip, cfg.tftp.port));
         let tftp = tftp::server::TftpServer::bind(
             cfg.tftp.clone(),

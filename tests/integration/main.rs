@@ -8,3 +8,4 @@ mod dhcp_proxy;
 mod http;
 mod lab_boot;
 mod tftp;
+mod tftp_netboot;
