@@ -1431,3 +1431,74 @@ async fn sanboot_ranges_on_a_multi_gib_image() {
         );
     }
 }
+
+/// The dashboard in Debian's headless Chromium (driven by tests/browser/dashboard.mjs with
+/// playwright-core): the page is open before the machine exists, curl fetches the machine's
+/// script and phones home twice, and each stage must show up in the machine's row over the
+/// event stream, without a reload. Set `PXED_DASHBOARD_PNG=docs/dashboard.png` to refresh the
+/// screenshot in the docs; otherwise it goes to a temp dir and is only checked to be a PNG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_updates_live_in_headless_chromium() {
+    use tokio::io::AsyncBufReadExt;
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").is_dir()
+            && Path::new("/usr/bin/chromium").exists(),
+        "needs Debian's chromium and playwright-core in tests/browser/node_modules: run scripts/setup"
+    );
+    let state_dir = tempfile::tempdir().unwrap();
+    let root = install_root();
+    let (base, _bus, server) = start_stateful(state_dir.path(), root.path()).await;
+    let shot_dir = tempfile::tempdir().unwrap();
+    let shot = match std::env::var_os("PXED_DASHBOARD_PNG") {
+        Some(p) => Path::new(env!("CARGO_MANIFEST_DIR")).join(p),
+        None => shot_dir.path().join("dashboard.png"),
+    };
+    let mut node = tokio::process::Command::new("node")
+        .arg(browser_dir.join("dashboard.mjs"))
+        .args([base.as_str(), MAC_A])
+        .arg(&shot)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut expect = async |want: &str| {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no `{want}` from the browser within 60 s"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("browser script ended before `{want}`"));
+        assert!(line.starts_with(want), "wanted `{want}`, got `{line}`");
+        line
+    };
+    expect("READY").await;
+    let script = curl(&[&format!(
+        "{base}/ipxe/script?mac={MAC_A}&platform=pcbios&buildarch=i386"
+    )])
+    .await
+    .text();
+    let phone = kernel_arg(&script, "pxed.phone=");
+    expect("SEEN http.script").await;
+    assert_eq!(
+        curl(&[&format!("{phone}&stage=os.userspace")]).await.status,
+        200
+    );
+    expect("SEEN os.userspace").await;
+    assert_eq!(
+        curl(&[&format!("{phone}&stage=os.installed")]).await.status,
+        200
+    );
+    expect("SEEN os.custom").await;
+    let chips = expect("CHIPS").await;
+    assert_eq!(chips, "CHIPS http.script os.userspace os.custom");
+    expect("DONE").await;
+    assert!(node.wait().await.unwrap().success());
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5000,
+        "{} bytes",
+        png.len()
+    );
+    server.stop().await;
+}
