@@ -217,7 +217,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("cannot bind HTTP to {bind}"))?;
-        let state = HttpState::new(
+        let mut state = HttpState::new(
             cfg.server.root.clone(),
             Arc::new(RwLock::new(cfg.policy.clone())),
             ServerAddrs {
@@ -228,6 +228,36 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             cfg.http.clone(),
         )
         .with_mac_lookup(mac_lookup.clone());
+        // One-shot state and the token secret survive restarts in the state directory (the
+        // default one when a one-shot profile needs it); without either they live in memory.
+        let http_state_dir = cfg.server.state_dir.clone().or_else(|| {
+            cfg.policy
+                .has_one_shot()
+                .then(|| PathBuf::from(DEFAULT_STATE_DIR))
+        });
+        if let Some(dir) = http_state_dir {
+            let store = crate::http::FileBootStates::open(&dir.join("boot-state.json"))?;
+            let secret_path = dir.join("http-secret");
+            let secret = crate::http::Secret::load_or_create(&secret_path)
+                .with_context(|| format!("token secret {}", secret_path.display()))?;
+            state = state.with_boot_states(Arc::new(store)).with_secret(secret);
+        }
+        if cfg.http.tls_cert.is_some() != cfg.http.tls_key.is_some() {
+            bail!("[http]: give both tls_cert and tls_key, or neither");
+        }
+        if let (Some(cert), Some(key)) = (&cfg.http.tls_cert, &cfg.http.tls_key) {
+            let tls = crate::http::tls::server_config(cert, key)?;
+            let bind = SocketAddr::new(bind.ip(), cfg.http.tls_port);
+            let tls_listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot bind HTTPS to {bind}"))?;
+            tasks.spawn(crate::http::server::serve_tls(
+                tls_listener,
+                state.clone(),
+                tls,
+                std::future::pending(),
+            ));
+        }
         tasks.spawn(crate::http::server::serve(
             listener,
             state,
