@@ -13,6 +13,7 @@
 pub mod cleanup;
 pub mod cpio;
 pub mod doctor;
+pub mod images;
 pub mod labfile;
 pub mod machine;
 pub mod netns;
@@ -23,4 +24,6 @@ pub mod report;
 pub mod run;
 pub mod server;
 pub mod switch;
+pub mod vmdef;
+pub mod vmserver;
 pub mod wire;
