@@ -107,7 +107,8 @@ pub fn ensure_server_image(
     let client_initrd = std::fs::read(&payload.initrd)?;
     let mut ipxe = Vec::new();
     for f in IPXE_FILES {
-        let bytes = std::fs::read(f).with_context(|| format!("reading {f} (apt-get install ipxe)"))?;
+        let bytes =
+            std::fs::read(f).with_context(|| format!("reading {f} (apt-get install ipxe)"))?;
         let name = Path::new(f)
             .file_name()
             .and_then(|n| n.to_str())
@@ -158,13 +159,8 @@ pub fn ensure_server_image(
     // no half-written image under the final name.
     let work = tempdir_in(&dir, "build")?;
     let stripped = work.path.join("pxed");
-    crate::netns::run(
-        Command::new("strip")
-            .arg("-o")
-            .arg(&stripped)
-            .arg(pxed),
-    )
-    .context("strip (apt-get install binutils)")?;
+    crate::netns::run(Command::new("strip").arg("-o").arg(&stripped).arg(pxed))
+        .context("strip (apt-get install binutils)")?;
     let pxed_small = std::fs::read(&stripped)?;
 
     let overlay = {

@@ -18,6 +18,7 @@ pub mod labfile;
 pub mod machine;
 pub mod netns;
 pub mod oracle;
+pub mod ovf;
 pub mod payload;
 pub mod pcap;
 pub mod report;

@@ -17,8 +17,8 @@ use anyhow::{Context, Result, bail};
 use pxed::events::BootEvent;
 use pxed::mac::MacAddr;
 
-use crate::images::{DIED_LINE, EVENT_PREFIX, HTTP_PORT, READY_LINE};
 use crate::images::ensure_server_image;
+use crate::images::{DIED_LINE, EVENT_PREFIX, HTTP_PORT, READY_LINE};
 use crate::labfile::LabFile;
 use crate::machine::{Accel, ConsoleLine, Firmware, MachineSpec, OVMF_CODE, OVMF_VARS, Rom, Vm};
 use crate::payload::{Payload, cache_dir};
@@ -119,8 +119,7 @@ pub fn server_qemu_args(
 /// qcow2 or raw, from the file's first bytes (never trust an extension with `format=`).
 pub fn disk_format(path: &Path) -> Result<&'static str> {
     let mut magic = [0u8; 4];
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     std::io::Read::read_exact(&mut f, &mut magic)
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(match &magic {
