@@ -13,7 +13,9 @@
 pub mod cleanup;
 pub mod cpio;
 pub mod doctor;
+pub mod export;
 pub mod images;
+pub mod import;
 pub mod labfile;
 pub mod machine;
 pub mod netns;

@@ -693,12 +693,12 @@ pub fn parse_ovf(bytes: &[u8]) -> Result<OvfMachine, OvfError> {
                 }
                 disks.push(d.clone());
             }
-            "15" | "16" | "14" => {
-                if child_text(*it, "HostResource").is_some_and(|h| !h.is_empty()) {
-                    warnings.push(format!(
-                        "{el}: a CD/DVD or floppy image is not imported (the lab boots from the network)"
-                    ));
-                }
+            "15" | "16" | "14"
+                if child_text(*it, "HostResource").is_some_and(|h| !h.is_empty()) =>
+            {
+                warnings.push(format!(
+                    "{el}: a CD/DVD or floppy image is not imported (the lab boots from the network)"
+                ));
             }
             _ => {}
         }

@@ -161,11 +161,11 @@ impl VmServer {
                     } else if line.text.contains(DIED_LINE) {
                         let _ = ready_tx.send(false);
                     }
-                    if let Some(ev) = parse_event_line(&line.text, line.at) {
-                        if let Ok(json) = serde_json::to_string(&ev) {
-                            let _ = writeln!(file, "{json}");
-                            let _ = file.flush();
-                        }
+                    if let Some(ev) = parse_event_line(&line.text, line.at)
+                        && let Ok(json) = serde_json::to_string(&ev)
+                    {
+                        let _ = writeln!(file, "{json}");
+                        let _ = file.flush();
                     }
                 }
             })?;
@@ -320,7 +320,7 @@ pub fn start_for_lab(
 }
 
 /// A bare name is looked up on PATH (the image needs the file itself).
-fn resolve_binary(p: PathBuf) -> Result<PathBuf> {
+pub fn resolve_binary(p: PathBuf) -> Result<PathBuf> {
     if p.components().count() > 1 || p.is_absolute() {
         return Ok(p);
     }

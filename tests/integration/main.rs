@@ -7,3 +7,4 @@ mod dhcp_proxy;
 mod http;
 mod lab_boot;
 mod tftp;
+mod vm_images;
