@@ -58,6 +58,8 @@ pub enum ServerKind {
     Dnsmasq,
     /// pxed, from its config file.
     Pxed,
+    /// A server VM on the lab switch (the prepared `pxe-server`, or an imported one).
+    Vm,
 }
 
 /// `[server]`.
@@ -81,6 +83,8 @@ pub struct ServerSection {
     /// Another DHCP server on the lab LAN that gives the addresses (for pxed in proxy mode):
     /// it runs in its own namespace at x.y.z.2, joined to the lab switch by its own TAP.
     pub address_server: Option<AddressServer>,
+    /// vm: the server VM's definition (default: `vm-images/pxe-server.toml`).
+    pub definition: Option<PathBuf>,
 }
 
 /// A DHCP server that gives addresses and no boot data.
@@ -146,6 +150,11 @@ impl LabFile {
             && c.is_relative()
         {
             lab.server.config = Some(base.join(c));
+        }
+        if let Some(d) = &lab.server.definition
+            && d.is_relative()
+        {
+            lab.server.definition = Some(base.join(d));
         }
         Ok(lab)
     }

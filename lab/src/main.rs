@@ -35,6 +35,29 @@ enum Cmd {
     Doctor,
     /// Remove namespaces and QEMU processes left by crashed runs.
     Clean,
+    /// Export prepared VMs (vm-images/*.toml) as OVA (VirtualBox) and libvirt XML.
+    Export {
+        /// VM definitions.
+        #[arg(required = true)]
+        definitions: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "pxelab-export")]
+        out: PathBuf,
+        /// The pxed binary for the server image (default: $PXELAB_PXED, then PATH).
+        #[arg(long)]
+        pxed: Option<PathBuf>,
+    },
+    /// Import a VirtualBox or VMware export (.ova or .ovf) as a lab machine.
+    Import {
+        /// The .ova or .ovf.
+        file: PathBuf,
+        /// The machine goes into <out>/<name>/.
+        #[arg(long, default_value = "pxelab-machines")]
+        out: PathBuf,
+        /// Give every NIC a new MAC (default: keep them).
+        #[arg(long)]
+        new_macs: bool,
+    },
 }
 
 /// Run a lab, print its report, and turn the verdict into an exit code.
@@ -102,6 +125,27 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Cmd::Export {
+            definitions,
+            out,
+            pxed,
+        } => match pxelab::export::export_definitions(&definitions, &out, pxed.as_deref()) {
+            Ok(done) => {
+                for e in done {
+                    println!("{}\n{}", e.ova.display(), e.libvirt_xml.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pxelab: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Import {
+            file,
+            out,
+            new_macs,
+        } => pxelab::import::cli_import(&file, &out, new_macs),
         Cmd::Clean => {
             let done = pxelab::cleanup::clean(&pxelab::run::runs_root());
             if done.is_empty() {

@@ -9,3 +9,4 @@ mod http;
 mod lab_boot;
 mod tftp;
 mod tftp_netboot;
+mod vm_images;
