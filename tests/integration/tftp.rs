@@ -898,9 +898,17 @@ async fn transfer_survives_a_request_flood() {
             bad
         }));
     }
-    let t = std::time::Instant::now();
-    let (ok, log) = run_client("curl", &args, out.path()).await;
-    let loaded = t.elapsed();
+    // Loaded: the better of two runs too, so that both sides use the same statistic and a
+    // VM booting beside this test on the 2-core machine hits neither side harder.
+    let mut loaded = Duration::MAX;
+    let (mut ok, mut log) = (true, String::new());
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let (run_ok, run_log) = run_client("curl", &args, out.path()).await;
+        loaded = loaded.min(t.elapsed());
+        ok &= run_ok;
+        log.push_str(&run_log);
+    }
     // Keep flooding until enough packets went out, even if the transfer was quick.
     let deadline = std::time::Instant::now() + CLIENT_DEADLINE;
     while sent.load(Ordering::Relaxed) < MIN_FLOOD_PACKETS && std::time::Instant::now() < deadline {
