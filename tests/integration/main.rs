@@ -3,6 +3,7 @@
 
 mod support;
 
+mod dhcp_full;
 mod dhcp_proxy;
 mod http;
 mod tftp;
