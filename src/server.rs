@@ -366,3 +366,46 @@ pub fn print_leases(
     }
     Ok(())
 }
+
+/// `pxed import`: leases from another server's lease file into the store (all in one
+/// transaction), static hosts printed as `[[dhcp.reservation]]` TOML to paste into the config.
+pub fn import(
+    source: crate::leases::import::Source,
+    leases: Option<&Path>,
+    hosts: Option<&Path>,
+    state_dir: &Path,
+) -> anyhow::Result<()> {
+    use crate::leases::import;
+    if let Some(path) = leases {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let found = import::leases(source, &text, now)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let store = SqliteStore::open(&state_dir.join(LEASE_DB))?;
+        let changes: Vec<_> = found
+            .iter()
+            .cloned()
+            .map(crate::dhcp::engine::LeaseChange::Commit)
+            .collect();
+        store.commit(&changes)?;
+        eprintln!(
+            "imported {} active leases from {}",
+            found.len(),
+            path.display()
+        );
+    }
+    if let Some(path) = hosts {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let found = import::reservations(source, &text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for r in &found {
+            println!("{}", r.to_toml());
+        }
+        eprintln!("{} static hosts from {}", found.len(), path.display());
+    }
+    Ok(())
+}

@@ -214,7 +214,7 @@ impl Pool {
     }
 
     fn free(&self, who: &ClientKey<'_>, ip: Ipv4Addr, now: u64) -> bool {
-        !self.declined.get(&ip).is_some_and(|until| *until > now)
+        self.declined.get(&ip).is_none_or(|until| *until <= now)
             && !self.reserved_for_other(who, ip)
             && self.taken_by_other(&who.mac, ip, now).is_none()
     }

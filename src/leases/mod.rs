@@ -237,12 +237,10 @@ impl LeaseStore for SqliteStore {
             let mut stmt = conn
                 .prepare("SELECT mac, ip, expires, hostname, client_id FROM leases")
                 .map_err(|e| self.err(e))?;
-            let rows = stmt
-                .query_map([], row_tuple)
+            stmt.query_map([], row_tuple)
                 .map_err(|e| self.err(e))?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| self.err(e))?;
-            rows
+                .map_err(|e| self.err(e))?
         };
         rows.into_iter().map(|r| self.lease_from(r)).collect()
     }
