@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod dhcp_full;
 mod dhcp_proxy;
 mod http;
 mod lab_boot;
