@@ -8,17 +8,20 @@
 //! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
 //! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
+//! - [`impair`], [`quirks`]: link impairments and firmware quirk profiles on switch ports.
 //! - [`labfile`], [`run`]: lab definitions and running them; [`doctor`], [`cleanup`]: CLI helpers.
 
 pub mod cleanup;
 pub mod cpio;
 pub mod doctor;
+pub mod impair;
 pub mod labfile;
 pub mod machine;
 pub mod netns;
 pub mod oracle;
 pub mod payload;
 pub mod pcap;
+pub mod quirks;
 pub mod report;
 pub mod run;
 pub mod server;

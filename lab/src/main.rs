@@ -25,6 +25,18 @@ enum Cmd {
         #[arg(long)]
         run_dir: Option<PathBuf>,
     },
+    /// List the built-in firmware quirk profiles with their sources; show or check one.
+    Quirks {
+        /// Print this profile's TOML.
+        #[arg(long)]
+        show: Option<String>,
+        /// Run this profile's check (both sides) in the lab.
+        #[arg(long)]
+        check: Option<String>,
+        /// Run every built-in profile's check.
+        #[arg(long)]
+        check_all: bool,
+    },
     /// Check QEMU, ROMs, firmware, KVM, namespace rights and disk space.
     Doctor,
     /// Remove namespaces and QEMU processes left by crashed runs.
@@ -61,6 +73,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Quirks {
+            show,
+            check,
+            check_all,
+        } => pxelab_quirks(show, check, check_all),
         Cmd::Doctor => {
             let mut bad = 0;
             for c in pxelab::doctor::doctor() {
@@ -91,5 +108,79 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn pxelab_quirks(show: Option<String>, check: Option<String>, check_all: bool) -> ExitCode {
+    use pxelab::quirks::{BUILTIN, QuirkProfile};
+    if let Some(name) = show {
+        return match BUILTIN.iter().find(|(n, _)| *n == name) {
+            Some((_, text)) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("pxelab: no built-in profile `{name}`");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let profiles = match QuirkProfile::builtins() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pxelab: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let selected: Vec<&QuirkProfile> = match (&check, check_all) {
+        (Some(name), _) => profiles.iter().filter(|p| &p.name == name).collect(),
+        (None, true) => profiles.iter().collect(),
+        (None, false) => {
+            for p in &profiles {
+                println!("{:<28} {}", p.name, p.summary);
+                println!("{:<28} source: {}", "", p.source);
+            }
+            return ExitCode::SUCCESS;
+        }
+    };
+    if selected.is_empty() {
+        eprintln!("pxelab: no built-in profile `{}`", check.unwrap_or_default());
+        return ExitCode::from(2);
+    }
+    let labs = std::env::var_os("PXELAB_LABS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("lab/labs"));
+    let scratch = pxelab::run::runs_root().join("quirk-configs");
+    let started = std::time::Instant::now();
+    let mut bad = 0;
+    for p in selected {
+        match pxelab::quirks::run_check(p, &labs, &scratch, &|_| {}) {
+            Ok(sides) => {
+                for s in sides {
+                    if !s.as_expected {
+                        bad += 1;
+                    }
+                    println!(
+                        "{:<5} {:<28} {:<6} {:>6.1} s  {}  ({})",
+                        if s.as_expected { "ok" } else { "FAIL" },
+                        p.name,
+                        format!("{:?}", s.side).to_lowercase(),
+                        s.duration_ms as f64 / 1000.0,
+                        s.summary,
+                        s.run_dir.display()
+                    );
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                println!("ERROR {:<28} {e:#}", p.name);
+            }
+        }
+    }
+    println!("{bad} unexpected, {:.0} s", started.elapsed().as_secs_f64());
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
