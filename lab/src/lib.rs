@@ -9,8 +9,10 @@
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
 //! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
 //! - [`impair`], [`quirks`]: link impairments and firmware quirk profiles on switch ports.
+//! - [`replay`], [`bundle`]: replaying field captures against pxed; packing a lab into one file.
 //! - [`labfile`], [`run`]: lab definitions and running them; [`doctor`], [`cleanup`]: CLI helpers.
 
+pub mod bundle;
 pub mod cleanup;
 pub mod cpio;
 pub mod doctor;
@@ -22,6 +24,7 @@ pub mod oracle;
 pub mod payload;
 pub mod pcap;
 pub mod quirks;
+pub mod replay;
 pub mod report;
 pub mod run;
 pub mod server;

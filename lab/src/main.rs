@@ -17,9 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a lab file and report every machine's stages.
+    /// Run a lab file (or a bundle) and report every machine's stages.
     Run {
-        /// The lab definition (TOML).
+        /// The lab definition (TOML), or a bundle made by `pxelab bundle`.
         lab: PathBuf,
         /// Put artifacts here instead of under $PXELAB_RUNS.
         #[arg(long)]
@@ -37,6 +37,30 @@ enum Cmd {
         #[arg(long)]
         check_all: bool,
     },
+    /// Replay the client side of a capture from a real network against pxed in the lab and
+    /// show where pxed's replies differ from the captured ones.
+    Replay {
+        /// The capture (pcap or pcapng, Ethernet).
+        capture: PathBuf,
+        /// pxed config template (default lab/labs/pxed-full.pxed.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Put the lab's capture and logs here.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// Pack a lab (TOML, pxed config, quirk profiles, ROMs, and a run's pcaps and logs) into
+    /// one file that `pxelab run` takes.
+    Bundle {
+        /// The lab definition (TOML).
+        lab: PathBuf,
+        /// A run directory whose artifacts to include.
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// The bundle to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Check QEMU, ROMs, firmware, KVM, namespace rights and disk space.
     Doctor,
     /// Remove namespaces and QEMU processes left by crashed runs.
@@ -47,7 +71,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Run { lab, run_dir } => {
-            let lab = match pxelab::labfile::LabFile::load(&lab) {
+            let lab = match pxelab::bundle::load_lab(&lab) {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!("pxelab: {e:#}");
@@ -78,6 +102,53 @@ fn main() -> ExitCode {
             check,
             check_all,
         } => pxelab_quirks(show, check, check_all),
+        Cmd::Replay {
+            capture,
+            config,
+            run_dir,
+        } => {
+            let result = std::fs::read(&capture)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| pxelab::replay::read_capture(&b))
+                .and_then(|frames| {
+                    let opts = pxelab::replay::ReplayOptions {
+                        pxed: std::env::var_os("PXELAB_PXED")
+                            .map(PathBuf::from)
+                            .unwrap_or_else(|| PathBuf::from("pxed")),
+                        config: config
+                            .unwrap_or_else(|| PathBuf::from("lab/labs/pxed-full.pxed.toml")),
+                        run_dir: run_dir
+                            .unwrap_or_else(|| pxelab::replay::default_run_dir(&capture)),
+                    };
+                    pxelab::replay::replay(&frames, &opts)
+                });
+            match result {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    if report.difference_count() == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("pxelab: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Bundle { lab, run, output } => {
+            match pxelab::bundle::pack(&lab, run.as_deref(), &output) {
+                Ok(files) => {
+                    println!("{}: {}", output.display(), files.join(", "));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pxelab: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Cmd::Doctor => {
             let mut bad = 0;
             for c in pxelab::doctor::doctor() {

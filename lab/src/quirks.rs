@@ -513,6 +513,35 @@ fn rebuild(frame: &[u8], v: &UdpView, payload: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A new Ethernet/IPv4/UDP frame with correct lengths and checksums (TTL 64, DF clear).
+pub fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(ETH_HEADER + 28);
+    head.extend_from_slice(&dst_mac);
+    head.extend_from_slice(&src_mac);
+    head.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+    head.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, PROTO_UDP, 0, 0]);
+    head.extend_from_slice(&src.octets());
+    head.extend_from_slice(&dst.octets());
+    let v = UdpView {
+        ip: ETH_HEADER,
+        ihl: 20,
+        src,
+        dst,
+        sport,
+        dport,
+        payload: 0..0,
+    };
+    rebuild(&head, &v, payload).unwrap_or(head)
+}
+
 /// A TFTP request or OACK split into its fixed fields and its options (RFC 2347).
 struct TftpOpts {
     opcode: u16,
