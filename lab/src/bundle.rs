@@ -39,7 +39,10 @@ fn read_limited(path: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("reading {}", path.display()))?
         .len();
     if len > MAX_FILE {
-        bail!("{} is {len} bytes; bundles take files up to {MAX_FILE}", path.display());
+        bail!(
+            "{} is {len} bytes; bundles take files up to {MAX_FILE}",
+            path.display()
+        );
     }
     Ok(std::fs::read(path)?)
 }
@@ -76,10 +79,15 @@ pub fn pack(lab_path: &Path, run: Option<&Path>, out: &Path) -> Result<Vec<Strin
                 .unwrap_or("?")
                 .to_string();
             // Firmware choices, spelled out even where the lab relies on defaults.
-            let fw = m.get("firmware").and_then(|v| v.as_str()).unwrap_or("seabios");
+            let fw = m
+                .get("firmware")
+                .and_then(|v| v.as_str())
+                .unwrap_or("seabios");
             let nic = m.get("nic").and_then(|v| v.as_str()).unwrap_or("e1000");
             let rom = m.get("rom").and_then(|v| v.as_str()).unwrap_or("default");
-            manifest.push_str(&format!("machine {name}: firmware {fw}, nic {nic}, rom {rom}\n"));
+            manifest.push_str(&format!(
+                "machine {name}: firmware {fw}, nic {nic}, rom {rom}\n"
+            ));
             if !matches!(rom, "default" | "none") {
                 let p = base.join(rom);
                 let packed = format!("roms/{}", file_name(&p)?);
@@ -89,7 +97,11 @@ pub fn pack(lab_path: &Path, run: Option<&Path>, out: &Path) -> Result<Vec<Strin
             let quirks: Vec<String> = m
                 .get("quirks")
                 .and_then(|q| q.as_array())
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             let mut packed_quirks = Vec::new();
             for q in quirks {
@@ -155,7 +167,9 @@ pub fn pack(lab_path: &Path, run: Option<&Path>, out: &Path) -> Result<Vec<Strin
 }
 
 fn hex_field(h: &[u8], i: usize) -> Result<u64> {
-    let f = h.get(6 + i * 8..6 + i * 8 + 8).context("cpio header cut short")?;
+    let f = h
+        .get(6 + i * 8..6 + i * 8 + 8)
+        .context("cpio header cut short")?;
     let s = std::str::from_utf8(f).context("cpio header is not text")?;
     u64::from_str_radix(s, 16).with_context(|| format!("cpio header field `{s}`"))
 }
@@ -172,14 +186,19 @@ pub fn unpack(bundle: &Path, dir: &Path) -> Result<PathBuf> {
         .read_to_end(&mut data)
         .with_context(|| format!("decompressing {}", bundle.display()))?;
     if data.len() as u64 > MAX_UNPACKED {
-        bail!("{} unpacks to more than {MAX_UNPACKED} bytes", bundle.display());
+        bail!(
+            "{} unpacks to more than {MAX_UNPACKED} bytes",
+            bundle.display()
+        );
     }
     std::fs::create_dir_all(dir)?;
     let mut at = 0usize;
     loop {
         // newc: "070701", 13 eight-digit hex fields, the name (NUL-terminated), padding to 4,
         // the data, padding to 4.
-        let h = data.get(at..at + 110).context("bundle ends without a trailer")?;
+        let h = data
+            .get(at..at + 110)
+            .context("bundle ends without a trailer")?;
         if h.get(..6) != Some(b"070701") {
             bail!("bundle: bad cpio magic at offset {at}");
         }

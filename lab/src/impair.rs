@@ -302,8 +302,12 @@ mod tests {
                 .is_empty()
         );
         assert!(
-            imp.on_frame(Direction::Egress, f.clone(), t0 + Duration::from_millis(4999))
-                .is_empty()
+            imp.on_frame(
+                Direction::Egress,
+                f.clone(),
+                t0 + Duration::from_millis(4999)
+            )
+            .is_empty()
         );
         assert_eq!(
             imp.on_frame(Direction::Ingress, f, t0 + Duration::from_secs(5))
@@ -350,7 +354,10 @@ mod tests {
             t0,
         );
         // Loss 1.0 from the client: everything the machine sends is lost ...
-        assert!(imp.on_frame(Direction::Ingress, frame(1, 60), t0).is_empty());
+        assert!(
+            imp.on_frame(Direction::Ingress, frame(1, 60), t0)
+                .is_empty()
+        );
         // ... and what it receives is untouched.
         let out = imp.on_frame(Direction::Egress, frame(2, 60), t0);
         assert_eq!(out, vec![(Duration::ZERO, frame(2, 60))]);

@@ -187,8 +187,7 @@ impl LabFile {
                 bail!("two machines are named `{}`", m.name);
             }
             for q in &m.quirks {
-                if !crate::quirks::is_path(q) && crate::quirks::QuirkProfile::builtin(q).is_none()
-                {
+                if !crate::quirks::is_path(q) && crate::quirks::QuirkProfile::builtin(q).is_none() {
                     bail!("machine `{}`: no built-in quirk profile `{q}`", m.name);
                 }
             }

@@ -215,7 +215,10 @@ fn pxelab_quirks(show: Option<String>, check: Option<String>, check_all: bool) -
         }
     };
     if selected.is_empty() {
-        eprintln!("pxelab: no built-in profile `{}`", check.unwrap_or_default());
+        eprintln!(
+            "pxelab: no built-in profile `{}`",
+            check.unwrap_or_default()
+        );
         return ExitCode::from(2);
     }
     let labs = std::env::var_os("PXELAB_LABS")

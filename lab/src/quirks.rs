@@ -145,7 +145,10 @@ impl SetOption {
 }
 
 fn parse_hex(h: &str) -> Result<Vec<u8>> {
-    let digits: String = h.chars().filter(|c| !matches!(c, ':' | ' ' | '-')).collect();
+    let digits: String = h
+        .chars()
+        .filter(|c| !matches!(c, ':' | ' ' | '-'))
+        .collect();
     if digits.len() % 2 != 0 {
         bail!("hex `{h}`: odd number of digits");
     }
@@ -182,6 +185,11 @@ pub struct Rule {
     pub lacks_option: Vec<u8>,
     /// Match TFTP requests/OACKs that carry this option (by name, any case).
     pub tftp_has_option: Option<String>,
+    /// Match only the firmware's PXE exchanges: client messages whose option 60 starts with
+    /// `PXEClient`, and replies to them (by xid). The OS's DHCP client later in the boot is
+    /// left alone.
+    #[serde(default)]
+    pub only_pxe: bool,
     /// Act only on the first this-many matches (e.g. only the first DISCOVER).
     pub times: Option<u32>,
 
@@ -221,7 +229,8 @@ pub struct Rule {
 
 impl Rule {
     fn is_dhcp(&self) -> bool {
-        !self.dhcp.is_empty()
+        self.only_pxe
+            || !self.dhcp.is_empty()
             || !self.has_option.is_empty()
             || !self.lacks_option.is_empty()
             || !self.strip_options.is_empty()
@@ -607,6 +616,8 @@ pub struct QuirkFilter {
     rules: Vec<(Rule, u32)>,
     /// Client (address, port) pairs that sent an RRQ: replies to them are TFTP.
     tftp_clients: VecDeque<(Ipv4Addr, u16)>,
+    /// Transaction ids of the PXE client's DHCP messages (for `only_pxe`).
+    pxe_xids: VecDeque<u32>,
     /// Packets each rule acted on, for tests and reports.
     pub hits: Vec<u64>,
 }
@@ -623,6 +634,7 @@ impl QuirkFilter {
             hits: vec![0; rules.len()],
             rules,
             tftp_clients: VecDeque::new(),
+            pxe_xids: VecDeque::new(),
         }
     }
 
@@ -630,7 +642,19 @@ impl QuirkFilter {
         let payload = frame.get(v.payload.clone()).unwrap_or_default();
         if DHCP_PORTS.contains(&v.sport) && DHCP_PORTS.contains(&v.dport) {
             return match DhcpPacket::decode(payload) {
-                Ok(p) => Kind::Dhcp(Box::new(p)),
+                Ok(p) => {
+                    let pxe = p
+                        .options
+                        .get(60)
+                        .is_some_and(|v| v.starts_with(b"PXEClient"));
+                    if dir == Direction::Ingress && pxe && !self.pxe_xids.contains(&p.xid) {
+                        if self.pxe_xids.len() >= TFTP_FLOWS {
+                            self.pxe_xids.pop_front();
+                        }
+                        self.pxe_xids.push_back(p.xid);
+                    }
+                    Kind::Dhcp(Box::new(p))
+                }
                 Err(_) => Kind::Udp,
             };
         }
@@ -656,7 +680,14 @@ impl QuirkFilter {
     }
 }
 
-fn rule_matches(rule: &Rule, dir: Direction, kind: &Kind, v: Option<&UdpView>, payload: &[u8]) -> bool {
+fn rule_matches(
+    rule: &Rule,
+    dir: Direction,
+    kind: &Kind,
+    v: Option<&UdpView>,
+    payload: &[u8],
+    pxe_xids: &VecDeque<u32>,
+) -> bool {
     let way = match dir {
         Direction::Ingress => Ways::FromClient,
         Direction::Egress => Ways::ToClient,
@@ -673,6 +704,9 @@ fn rule_matches(rule: &Rule, dir: Direction, kind: &Kind, v: Option<&UdpView>, p
         let Kind::Dhcp(p) = kind else {
             return false;
         };
+        if rule.only_pxe && !pxe_xids.contains(&p.xid) {
+            return false;
+        }
         let t = p.message_type().map(|t| t.code());
         if !rule.dhcp.is_empty() && !rule.dhcp.iter().any(|k| Some(k.code()) == t) {
             return false;
@@ -735,7 +769,11 @@ fn edit_tftp(rule: &Rule, t: &mut TftpOpts) {
     t.options
         .retain(|(n, _)| !rule.tftp_strip.iter().any(|s| s.eq_ignore_ascii_case(n)));
     for (name, value) in &rule.tftp_set {
-        match t.options.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        match t
+            .options
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
             Some(slot) => slot.1 = value.clone(),
             None => t.options.push((name.clone(), value.clone())),
         }
@@ -759,7 +797,7 @@ impl FrameFilter for QuirkFilter {
         let mut copies = 0u32;
         let mut gap = Duration::ZERO;
         for (i, (rule, used)) in self.rules.iter_mut().enumerate() {
-            if !rule_matches(rule, dir, &kind, Some(&v), &payload) {
+            if !rule_matches(rule, dir, &kind, Some(&v), &payload, &self.pxe_xids) {
                 continue;
             }
             if rule.times.is_some_and(|t| *used >= t) {
@@ -977,7 +1015,11 @@ mod tests {
         let offer = udp_frame(
             SERVER_IPS,
             (67, 68),
-            &dhcp(2, 2, &[(60, b"PXEClient"), (66, b"10.0.0.1"), (67, b"boot.pxe")]),
+            &dhcp(
+                2,
+                2,
+                &[(60, b"PXEClient"), (66, b"10.0.0.1"), (67, b"boot.pxe")],
+            ),
         );
         let out = f.on_frame(Direction::Egress, offer.clone(), Instant::now());
         assert_eq!(out.len(), 1);
@@ -1014,7 +1056,29 @@ mod tests {
             "[[rule]]\ndirection = \"to-client\"\ndhcp = [\"offer\"]\nlacks_option = [60]\ndrop = true\n\n[[rule]]\ndirection = \"from-client\"\ndhcp = [\"discover\"]\nduplicate = 2\nduplicate_gap = \"100ms\"\n",
         );
         let plain = udp_frame(SERVER_IPS, (67, 68), &dhcp(2, 2, &[]));
-        assert!(f.on_frame(Direction::Egress, plain, Instant::now()).is_empty());
+        assert!(
+            f.on_frame(Direction::Egress, plain.clone(), Instant::now())
+                .is_empty()
+        );
+        // only_pxe: the same offer to a client that is not PXE (the OS's udhcpc) passes.
+        let mut g = profile(
+            "[[rule]]\ndirection = \"to-client\"\ndhcp = [\"offer\"]\nlacks_option = [60]\nonly_pxe = true\ndrop = true\n",
+        );
+        assert_eq!(
+            g.on_frame(Direction::Egress, plain.clone(), Instant::now())
+                .len(),
+            1
+        );
+        let pxe_disc = udp_frame(
+            CLIENT_IPS,
+            (68, 67),
+            &dhcp(1, 1, &[(60, b"PXEClient:Arch:00000")]),
+        );
+        g.on_frame(Direction::Ingress, pxe_disc, Instant::now());
+        assert!(
+            g.on_frame(Direction::Egress, plain, Instant::now())
+                .is_empty()
+        );
         let pxe = udp_frame(SERVER_IPS, (67, 68), &dhcp(2, 2, &[(60, b"PXEClient")]));
         assert_eq!(f.on_frame(Direction::Egress, pxe, Instant::now()).len(), 1);
         let disc = udp_frame(CLIENT_IPS, (68, 67), &dhcp(1, 1, &[]));
@@ -1037,26 +1101,54 @@ mod tests {
         );
         let out = f.on_frame(Direction::Ingress, rrq, Instant::now());
         let p = payload_of(&out[0].1);
-        assert_eq!(&p[..], b"\0\x01snponly.efi\0octet\0blksize\x008192\0tsize\x000\0");
+        assert_eq!(
+            &p[..],
+            b"\0\x01snponly.efi\0octet\0blksize\x008192\0tsize\x000\0"
+        );
         assert!(checksums_ok(&out[0].1));
-        let oack = udp_frame(([10, 0, 0, 1], [10, 0, 0, 100]), (3000, 2000), b"\0\x06blksize\x008192\0");
+        let oack = udp_frame(
+            ([10, 0, 0, 1], [10, 0, 0, 100]),
+            (3000, 2000),
+            b"\0\x06blksize\x008192\0",
+        );
         let out = f.on_frame(Direction::Egress, oack, Instant::now());
         assert_eq!(out[0].0, Duration::from_secs(1));
         // An unrelated UDP packet to the client is not TFTP.
-        let other = udp_frame(([10, 0, 0, 1], [10, 0, 0, 100]), (3000, 2001), b"\0\x06x\0y\0");
-        assert_eq!(f.on_frame(Direction::Egress, other, Instant::now())[0].0, Duration::ZERO);
+        let other = udp_frame(
+            ([10, 0, 0, 1], [10, 0, 0, 100]),
+            (3000, 2001),
+            b"\0\x06x\0y\0",
+        );
+        assert_eq!(
+            f.on_frame(Direction::Egress, other, Instant::now())[0].0,
+            Duration::ZERO
+        );
     }
 
     #[test]
     fn port_rule_drops_4011_and_garbage_passes() {
-        let mut f = profile("[[rule]]\ndirection = \"from-client\"\nudp_port = 4011\ndrop = true\n");
-        let req = udp_frame(([10, 0, 0, 100], [10, 0, 0, 1]), (68, 4011), &dhcp(1, 3, &[]));
-        assert!(f.on_frame(Direction::Ingress, req, Instant::now()).is_empty());
+        let mut f =
+            profile("[[rule]]\ndirection = \"from-client\"\nudp_port = 4011\ndrop = true\n");
+        let req = udp_frame(
+            ([10, 0, 0, 100], [10, 0, 0, 1]),
+            (68, 4011),
+            &dhcp(1, 3, &[]),
+        );
+        assert!(
+            f.on_frame(Direction::Ingress, req, Instant::now())
+                .is_empty()
+        );
         let to67 = udp_frame(CLIENT_IPS, (68, 67), &dhcp(1, 3, &[]));
-        assert_eq!(f.on_frame(Direction::Ingress, to67, Instant::now()).len(), 1);
+        assert_eq!(
+            f.on_frame(Direction::Ingress, to67, Instant::now()).len(),
+            1
+        );
         for len in 0..120 {
             let junk: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
-            assert_eq!(f.on_frame(Direction::Egress, junk.clone(), Instant::now())[0].1, junk);
+            assert_eq!(
+                f.on_frame(Direction::Egress, junk.clone(), Instant::now())[0].1,
+                junk
+            );
         }
     }
 
@@ -1078,13 +1170,28 @@ mod tests {
     fn builtins_parse_and_each_names_a_source_and_a_check() {
         let all = QuirkProfile::builtins().unwrap();
         assert!(all.len() >= 10);
-        let both = all.iter().filter(|p| p.check.as_ref().is_some_and(|c| c.fail_stage.is_some()));
+        let both = all
+            .iter()
+            .filter(|p| p.check.as_ref().is_some_and(|c| c.fail_stage.is_some()));
         assert!(both.count() >= 6);
         for p in &all {
             assert!(p.source.contains("firmware-quirks.md Q"), "{}", p.name);
-            let c = p.check.as_ref().unwrap_or_else(|| panic!("{} has no check", p.name));
-            assert_eq!(c.fail_stage.is_some(), c.fail_within.is_some(), "{}", p.name);
-            assert_eq!(c.fail_stage.is_some(), !c.fail_config.is_empty(), "{}", p.name);
+            let c = p
+                .check
+                .as_ref()
+                .unwrap_or_else(|| panic!("{} has no check", p.name));
+            assert_eq!(
+                c.fail_stage.is_some(),
+                c.fail_within.is_some(),
+                "{}",
+                p.name
+            );
+            assert_eq!(
+                c.fail_stage.is_some(),
+                !c.fail_config.is_empty(),
+                "{}",
+                p.name
+            );
             let labs = Path::new(env!("CARGO_MANIFEST_DIR")).join("labs");
             assert!(labs.join(&c.lab).exists(), "{}: {}", p.name, c.lab);
         }
@@ -1093,7 +1200,8 @@ mod tests {
 
     #[test]
     fn merge_keeps_the_template_and_overrides_one_key() {
-        let mut base: toml::Table = toml::from_str("[dhcp]\nmode = \"full\"\n[server]\nroot = \"/x\"").unwrap();
+        let mut base: toml::Table =
+            toml::from_str("[dhcp]\nmode = \"full\"\n[server]\nroot = \"/x\"").unwrap();
         let over: toml::Table = toml::from_str("dhcp = { pxe_vendor_option = false }").unwrap();
         merge_toml(&mut base, &over);
         assert_eq!(base["dhcp"]["mode"].as_str(), Some("full"));

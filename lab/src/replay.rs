@@ -73,9 +73,11 @@ fn read_pcap(b: &[u8], le: bool) -> Result<Vec<CapturedFrame>> {
     }
     let mut out = Vec::new();
     let mut at = 24;
-    while let (Some(sec), Some(frac), Some(len)) =
-        (u32_at(b, at, le), u32_at(b, at + 4, le), u32_at(b, at + 8, le))
-    {
+    while let (Some(sec), Some(frac), Some(len)) = (
+        u32_at(b, at, le),
+        u32_at(b, at + 4, le),
+        u32_at(b, at + 8, le),
+    ) {
         let len = len as usize;
         if len > MAX_RECORD || out.len() >= MAX_CAPTURE_FRAMES {
             bail!("pcap record at offset {at} is implausible");
@@ -311,7 +313,10 @@ fn show(v: &[u8]) -> String {
     if !v.is_empty() && v.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
         format!("{:?}", String::from_utf8_lossy(v))
     } else {
-        v.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+        v.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
     }
 }
 
@@ -374,8 +379,8 @@ pub fn replay(capture: &[CapturedFrame], opts: &ReplayOptions) -> Result<ReplayR
                 p.options.set(50, ip.octets().to_vec());
             }
         }
-        let frame = client_frame(&m.frame, &p, m.dport, server_ip)
-            .context("rebuilding a client frame")?;
+        let frame =
+            client_frame(&m.frame, &p, m.dport, server_ip).context("rebuilding a client frame")?;
         let mut buf = (frame.len() as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(&frame);
         stream.write_all(&buf)?;
@@ -420,8 +425,7 @@ fn reply_matches(req: &DhcpPacket, reply: &DhcpPacket, req_port: u16, _reply_por
     let _ = req_port;
     matches!(
         (req.message_type(), reply.message_type()),
-        (Some(M::Discover), Some(M::Offer))
-            | (Some(M::Request | M::Inform), Some(M::Ack | M::Nak))
+        (Some(M::Discover), Some(M::Offer)) | (Some(M::Request | M::Inform), Some(M::Ack | M::Nak))
     )
 }
 
@@ -511,7 +515,8 @@ mod tests {
         let path = dir.path().join("x.pcap");
         let mut w = crate::pcap::PcapWriter::create(&path).unwrap();
         for f in &frames {
-            w.write_frame(std::time::SystemTime::now(), &f.data).unwrap();
+            w.write_frame(std::time::SystemTime::now(), &f.data)
+                .unwrap();
         }
         w.flush().unwrap();
         let again = read_capture(&std::fs::read(&path).unwrap()).unwrap();
@@ -542,8 +547,14 @@ mod tests {
             Vec::new()
         };
         let d = compare(&offer, &ours);
-        assert!(d.iter().any(|l| l.contains("option 60: only from pxed")), "{d:?}");
-        assert!(d.iter().any(|l| l.contains("option 3: in the capture")), "{d:?}");
+        assert!(
+            d.iter().any(|l| l.contains("option 60: only from pxed")),
+            "{d:?}"
+        );
+        assert!(
+            d.iter().any(|l| l.contains("option 3: in the capture")),
+            "{d:?}"
+        );
         assert!(d.iter().any(|l| l.starts_with("file:")), "{d:?}");
     }
 }

@@ -677,7 +677,12 @@ mod tests {
 
     struct Tag(u8, Duration);
     impl FrameFilter for Tag {
-        fn on_frame(&mut self, _: Direction, mut f: Vec<u8>, _: Instant) -> Vec<(Duration, Vec<u8>)> {
+        fn on_frame(
+            &mut self,
+            _: Direction,
+            mut f: Vec<u8>,
+            _: Instant,
+        ) -> Vec<(Duration, Vec<u8>)> {
             f.push(self.0);
             vec![(self.1, f.clone()), (self.1, f)]
         }
@@ -692,7 +697,11 @@ mod tests {
         assert!(out.iter().all(|(d, f)| *d == ms(11) && f == &[1, 2]));
         let out = c.on_frame(Direction::Egress, vec![], Instant::now());
         assert!(out.iter().all(|(_, f)| f == &[2, 1]));
-        assert!(Chain(vec![Box::new(DropAll)]).on_frame(Direction::Egress, vec![1], Instant::now()).is_empty());
+        assert!(
+            Chain(vec![Box::new(DropAll)])
+                .on_frame(Direction::Egress, vec![1], Instant::now())
+                .is_empty()
+        );
     }
 
     #[test]

@@ -510,9 +510,7 @@ impl DhcpEngine {
                 }
             }
             BootFileFields::Options => {
-                reply
-                    .options
-                    .set(66, reply.siaddr.to_string().into_bytes());
+                reply.options.set(66, reply.siaddr.to_string().into_bytes());
                 reply.options.set(67, file.as_bytes().to_vec());
                 reply.siaddr = Ipv4Addr::UNSPECIFIED;
                 reply.sname = Vec::new();

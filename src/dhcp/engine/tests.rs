@@ -580,5 +580,8 @@ fn arch_from_option_60_when_93_is_missing_unless_turned_off() {
         },
         &c,
     );
-    assert_ne!(strict.file, b"snponly.efi", "read as BIOS without option 93");
+    assert_ne!(
+        strict.file, b"snponly.efi",
+        "read as BIOS without option 93"
+    );
 }
