@@ -149,7 +149,7 @@ fn parse_hex(h: &str) -> Result<Vec<u8>> {
         .chars()
         .filter(|c| !matches!(c, ':' | ' ' | '-'))
         .collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         bail!("hex `{h}`: odd number of digits");
     }
     (0..digits.len())

@@ -111,7 +111,7 @@ fn read_pcapng(b: &[u8]) -> Result<Vec<CapturedFrame>> {
     let mut at = 0;
     while let (Some(kind), Some(len)) = (u32_at(b, at, le), u32_at(b, at + 4, le)) {
         let len = len as usize;
-        if len < 12 || len > MAX_RECORD + 64 || out.len() >= MAX_CAPTURE_FRAMES {
+        if !(12..=MAX_RECORD + 64).contains(&len) || out.len() >= MAX_CAPTURE_FRAMES {
             bail!("pcapng block at offset {at} has length {len}");
         }
         let body = b
