@@ -54,8 +54,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../quirks/broadcast-flag.toml"),
     ),
     (
-        "duplicate-discover-no-uuid",
-        include_str!("../quirks/duplicate-discover-no-uuid.toml"),
+        "dup-discover-no-uuid",
+        include_str!("../quirks/dup-discover-no-uuid.toml"),
     ),
 ];
 
@@ -886,11 +886,13 @@ pub fn check_lab(
         .with_context(|| format!("profile `{}` has no [check]", profile.name))?;
     let mut lab = crate::labfile::LabFile::load(&labs_dir.join(&check.lab))?;
     lab.lab.name = format!(
-        "quirk-{}-{}",
+        // Short: QEMU's socket path lives in the run directory named after the lab, and a
+        // unix socket path holds at most 107 bytes.
+        "q-{}-{}",
         profile.name,
         match side {
-            Side::Fails => "fails",
-            Side::Boots => "boots",
+            Side::Fails => "fail",
+            Side::Boots => "boot",
         }
     );
     if let Some(keep) = &check.machine {

@@ -25,7 +25,7 @@ use crate::switch::{LabSwitch, PassThrough};
 
 /// How long pxed gets to answer one replayed message (it answers in milliseconds; a message it
 /// ignores costs this much).
-pub const REPLY_WAIT: Duration = Duration::from_millis(1500);
+pub const REPLY_WAIT: Duration = Duration::from_millis(500);
 /// Frames read from a capture: a boot's DHCP fits in far fewer; more is not a boot capture.
 const MAX_CAPTURE_FRAMES: usize = 100_000;
 /// Client messages replayed: enough for several boots' worth of DHCP.
