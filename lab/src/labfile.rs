@@ -116,6 +116,13 @@ pub struct MachineSection {
     /// Stages for this machine only (replace the lab's `[[expect]]`).
     #[serde(default)]
     pub expect: Vec<ExpectSection>,
+    /// Firmware quirk profiles on this machine's port: built-in names (`pxelab quirks`) or
+    /// profile files (`*.toml`, relative to the lab file). See docs/quirks.md.
+    #[serde(default)]
+    pub quirks: Vec<String>,
+    /// Link impairments on this machine's port (loss, duplication, reordering, delay, MTU,
+    /// link-up delay).
+    pub impair: Option<crate::impair::ImpairConfig>,
 }
 
 /// `[[expect]]`.
@@ -156,6 +163,11 @@ impl LabFile {
         {
             lab.server.definition = Some(base.join(d));
         }
+        for m in &mut lab.machines {
+            for q in &mut m.quirks {
+                *q = crate::quirks::rebase(q, base);
+            }
+        }
         Ok(lab)
     }
 
@@ -185,6 +197,15 @@ impl LabFile {
             }
             if !names.insert(&m.name) {
                 bail!("two machines are named `{}`", m.name);
+            }
+            for q in &m.quirks {
+                if !crate::quirks::is_path(q) && crate::quirks::QuirkProfile::builtin(q).is_none() {
+                    bail!("machine `{}`: no built-in quirk profile `{q}`", m.name);
+                }
+            }
+            if let Some(i) = &m.impair {
+                i.validate()
+                    .with_context(|| format!("machine `{}`", m.name))?;
             }
             if self.expect.is_empty() && m.expect.is_empty() {
                 bail!("machine `{}` expects no stage: add [[expect]]", m.name);

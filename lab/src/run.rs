@@ -198,7 +198,12 @@ fn run_inner(
     let mut vms: Vec<Vm> = Vec::new();
     let mut oracles: Vec<MachineOracle> = Vec::new();
     for (i, (spec, expect)) in specs.into_iter().enumerate() {
-        let (port, sock) = switch.add_stream_port(&spec.name, Box::new(PassThrough))?;
+        let filter = match lab.machines.get(i) {
+            Some(m) => crate::quirks::port_filter(&m.quirks, m.impair.as_ref(), Instant::now())
+                .with_context(|| format!("machine `{}`", m.name))?,
+            None => Box::new(PassThrough),
+        };
+        let (port, sock) = switch.add_stream_port(&spec.name, filter)?;
         let args = qemu_command(&spec, accel, &sock, run_dir)?;
         let mut vm = Vm::spawn(spec, i, &args, run_dir, con_tx.clone())?;
         if let Err(err) = switch.wait_connected(port, CONNECT_TIMEOUT) {

@@ -9,7 +9,7 @@ use super::pool::{ClientKey, Lease, Pool};
 use super::pxe_options::{PxeVendorOptions, client_facts, no_pxedhcp};
 use super::reply_table::{ClientClass, ReplyShape, reply_shape};
 use super::wire::{DhcpPacket, MessageType, Op};
-use super::{DhcpConfig, DhcpMode};
+use super::{BootFileFields, DhcpConfig, DhcpMode};
 use crate::events::BootEvent;
 use crate::mac::MacAddr;
 use crate::policy::{self, ClientFacts, DhcpBoot, Policy, ServerAddrs};
@@ -238,7 +238,10 @@ impl DhcpEngine {
             tracing::debug!(src = %rx.src, htype = req.htype, hlen = req.hlen, "dropped: not Ethernet");
             return Outcome::default();
         };
-        let (facts, warnings) = client_facts(&req);
+        let (mut facts, warnings) = client_facts(&req);
+        if !self.config.arch_from_vendor_class && !req.options.contains(93) {
+            facts.arch_code = None;
+        }
         let mut ctx = Ctx {
             rx,
             req,
@@ -603,8 +606,36 @@ impl DhcpEngine {
         reply.options.set(53, vec![reply_type.code()]);
         reply.options.set(54, ctx.rx.server_ip.octets().to_vec());
         apply_boot(&mut reply, &ctx.req, ctx.rx.server_ip, &file, &shape);
+        self.apply_compat(&mut reply, &file);
         tracing::debug!(mac = %ctx.mac, ?class, profile = %plan.profile, reason = %plan.reason, file, "boot plan");
         Some(reply)
+    }
+
+    /// The compatibility settings turned off (firmware-quirks.md Q1-Q3): only to reproduce a
+    /// server that does not compensate. With the defaults this changes nothing.
+    fn apply_compat(&self, reply: &mut DhcpPacket, file: &str) {
+        if !self.config.pxe_vendor_option {
+            reply.options.remove(60);
+        }
+        if !self.config.discovery_control {
+            reply.options.remove(43);
+        }
+        match self.config.boot_file {
+            BootFileFields::Auto => {}
+            BootFileFields::Header => {
+                if file.len() <= FILE_FIELD_MAX {
+                    reply.options.remove(66);
+                    reply.options.remove(67);
+                }
+            }
+            BootFileFields::Options => {
+                reply.options.set(66, reply.siaddr.to_string().into_bytes());
+                reply.options.set(67, file.as_bytes().to_vec());
+                reply.siaddr = Ipv4Addr::UNSPECIFIED;
+                reply.sname = Vec::new();
+                reply.file = Vec::new();
+            }
+        }
     }
 
     fn finish(

@@ -56,6 +56,33 @@ pub struct DhcpConfig {
     /// How many lease changes one disk sync may carry (group commit); bounds memory and the
     /// latency of the last reply in a batch.
     pub max_commit_batch: usize,
+    /// Compatibility (firmware-quirks.md Q3): put option 60 `PXEClient`/`HTTPClient` in PXE
+    /// replies. Spec ROMs and EDK2 ignore or retry past offers without it. Default on; turn it
+    /// off only to reproduce a server that omits it (the lab's quirk checks do).
+    pub pxe_vendor_option: bool,
+    /// Compatibility (Q2): send option 43 discovery control `{6: 8}` where the reply table
+    /// says so. Default on; off reproduces a server without PXE vendor options.
+    pub discovery_control: bool,
+    /// Compatibility (Q1): where the boot file goes. Default `auto`.
+    pub boot_file: BootFileFields,
+    /// Compatibility (Q5): when option 93 is missing, take the architecture from the `Arch:`
+    /// digits of option 60 (ipxe #1527, firmware that omits 93). Default on; off reproduces a
+    /// server that reads only option 93 and treats the client as BIOS.
+    pub arch_from_vendor_class: bool,
+}
+
+/// Where a PXE reply carries the boot file (firmware-quirks.md Q1).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BootFileFields {
+    /// Header `siaddr`/`sname`/`file` always, options 66/67 when the client asks for them in
+    /// option 55 (what dnsmasq does, and what every firmware we know reads).
+    #[default]
+    Auto,
+    /// Only the header fields (an old BOOTP-style server): clients that read only 66/67 fail.
+    Header,
+    /// Only options 66/67 (a router-style server): clients that read only the header fail.
+    Options,
 }
 
 impl Default for DhcpConfig {
@@ -69,6 +96,10 @@ impl Default for DhcpConfig {
             authoritative: true,
             lease_hook: None,
             max_commit_batch: DEFAULT_COMMIT_BATCH,
+            pxe_vendor_option: true,
+            discovery_control: true,
+            boot_file: BootFileFields::Auto,
+            arch_from_vendor_class: true,
         }
     }
 }

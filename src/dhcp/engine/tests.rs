@@ -831,3 +831,86 @@ mod fixture_tests {
         assert_eq!(in_prl, expected);
     }
 }
+
+fn reply_with(config: DhcpConfig, c: &Client) -> DhcpPacket {
+    let mut e = DhcpEngine::new(config, policy(), 8080, Vec::new());
+    DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap()
+}
+
+#[test]
+fn compat_settings_default_on_and_each_can_be_turned_off() {
+    let base = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..DhcpConfig::default()
+    };
+    let c = Client::edk2();
+    let on = reply_with(base.clone(), &c);
+    assert_eq!(on.options.get(60), Some(&b"PXEClient"[..]));
+    assert!(on.options.contains(43));
+    assert!(on.options.contains(67) && !on.file.is_empty() && on.siaddr == SERVER);
+
+    // Q3: a server without option 60.
+    let no60 = reply_with(
+        DhcpConfig {
+            pxe_vendor_option: false,
+            ..base.clone()
+        },
+        &c,
+    );
+    assert!(!no60.options.contains(60) && no60.options.contains(43));
+    // Q2: a server without option 43.
+    let no43 = reply_with(
+        DhcpConfig {
+            discovery_control: false,
+            ..base.clone()
+        },
+        &c,
+    );
+    assert!(!no43.options.contains(43) && no43.options.contains(60));
+    // Q1: header only, then options only.
+    let header = reply_with(
+        DhcpConfig {
+            boot_file: BootFileFields::Header,
+            ..base.clone()
+        },
+        &c,
+    );
+    assert!(!header.options.contains(66) && !header.options.contains(67));
+    assert_eq!(header.file, b"snponly.efi");
+    let options = reply_with(
+        DhcpConfig {
+            boot_file: BootFileFields::Options,
+            ..base
+        },
+        &c,
+    );
+    assert_eq!(options.options.get(67), Some(&b"snponly.efi"[..]));
+    assert_eq!(options.options.get(66), Some(SERVER.to_string().as_bytes()));
+    assert!(options.file.is_empty() && options.sname.is_empty());
+    assert!(options.siaddr.is_unspecified());
+}
+
+#[test]
+fn arch_from_option_60_when_93_is_missing_unless_turned_off() {
+    let base = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..DhcpConfig::default()
+    };
+    let mut c = Client::edk2();
+    c.arch = None;
+    // Q5: option 60 says Arch:00007, so the client still gets the UEFI program.
+    assert_eq!(reply_with(base.clone(), &c).file, b"snponly.efi");
+    let strict = reply_with(
+        DhcpConfig {
+            arch_from_vendor_class: false,
+            ..base
+        },
+        &c,
+    );
+    assert_ne!(
+        strict.file, b"snponly.efi",
+        "read as BIOS without option 93"
+    );
+}
