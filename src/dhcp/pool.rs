@@ -237,8 +237,15 @@ impl Pool {
                     .is_none()
                     .then_some(ip)?
             } else {
+                // RFC 2131 4.3.1 order: the client's lease, the address already offered to it
+                // (a retransmitted DISCOVER must get the same offer), the requested address.
                 let previous = self.leases.get(&who.mac).map(|l| l.ip);
-                let candidates = previous.into_iter().chain(requested);
+                let offered = self
+                    .offers
+                    .get(&who.mac)
+                    .filter(|(_, until)| *until > now)
+                    .map(|(ip, _)| *ip);
+                let candidates = previous.into_iter().chain(offered).chain(requested);
                 match candidates
                     .filter(|ip| Self::in_pool(subnet, *ip))
                     .find(|ip| self.free(who, *ip, now))

@@ -790,6 +790,20 @@ mod fixture_tests {
     }
 
     #[test]
+    fn edk2_http_boot_gets_a_url_and_httpclient() {
+        // The DISCOVER EDK2's HttpBootDxe sent under QEMU (arch 16, `HTTPClient`).
+        for mode in [DhcpMode::Proxy, DhcpMode::Full] {
+            let p = reply_to(mode, "edk2-http-discover", Port::Dhcp);
+            assert_eq!(p.options.get(60), Some(&b"HTTPClient"[..]), "{mode:?}");
+            assert_eq!(p.file, b"http://10.0.0.1:8080/snponly.efi", "{mode:?}");
+            assert!(
+                p.options.get(43).is_none(),
+                "no PXE sub-options for HTTP boot"
+            );
+        }
+    }
+
+    #[test]
     fn edk2_request_on_4011_gets_an_ack_with_the_file() {
         let p = reply_to(DhcpMode::Proxy, "edk2-pxe-request", Port::BootServer);
         assert_eq!(p.message_type(), Some(MessageType::Ack));
@@ -913,4 +927,43 @@ fn arch_from_option_60_when_93_is_missing_unless_turned_off() {
         strict.file, b"snponly.efi",
         "read as BIOS without option 93"
     );
+}
+
+/// Q12: one boot sends several DHCP conversations; retransmissions and missing UUIDs must not
+/// change the answer, and a client that skips 4011 still gets its boot file on port 67.
+mod repeated_and_partial_clients {
+    use super::*;
+
+    #[test]
+    fn retransmitted_discover_gets_the_same_offer() {
+        let mut e = engine(DhcpMode::Full);
+        let mut c = Client::edk2();
+        c.uuid = None;
+        let first =
+            DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload)
+                .unwrap();
+        let mut again = c.packet();
+        again.secs = 8;
+        let second =
+            DhcpPacket::decode(&send(&mut e, &again, Port::Dhcp).reply.unwrap().payload).unwrap();
+        assert_eq!(first.yiaddr, second.yiaddr);
+        assert_eq!(first.file, second.file);
+        assert!(
+            second.options.get(97).is_none(),
+            "no UUID sent, none echoed"
+        );
+    }
+
+    #[test]
+    fn proxy_request_on_67_to_pxed_gets_an_ack() {
+        let mut e = engine(DhcpMode::Proxy);
+        let mut req = Client::edk2().packet();
+        req.options.set(53, vec![3]);
+        req.options.set(54, SERVER.octets().to_vec());
+        let out = send(&mut e, &req, Port::Dhcp);
+        let p = DhcpPacket::decode(&out.reply.unwrap().payload).unwrap();
+        assert_eq!(p.message_type(), Some(MessageType::Ack));
+        assert_eq!(p.yiaddr, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(p.file, b"snponly.efi");
+    }
 }
