@@ -19,7 +19,7 @@ use super::engine::{
     CLIENT_PORT, Destination, DhcpEngine, LeaseChange, Outcome, PXE_PORT, Port, Received,
     SERVER_PORT,
 };
-use super::wire::{DhcpPacket, MessageType, Op};
+use super::wire::{DhcpPacket, MessageType};
 use crate::events::{BootEvent, EventBus};
 use crate::leases::hook::LeaseHook;
 use crate::leases::{LeaseStore, StoreError};
@@ -292,25 +292,8 @@ pub async fn find_other_servers(
         Some(interface),
     )?)?;
     let xid = (now_ms() as u32) ^ 0x7078_6564;
-    let mut chaddr = [0u8; 16];
-    chaddr[..6].copy_from_slice(&PROBE_MAC);
-    let mut probe = DhcpPacket {
-        op: Op::Request,
-        htype: 1,
-        hlen: 6,
-        hops: 0,
-        xid,
-        secs: 0,
-        flags: 0x8000,
-        ciaddr: Ipv4Addr::UNSPECIFIED,
-        yiaddr: Ipv4Addr::UNSPECIFIED,
-        siaddr: Ipv4Addr::UNSPECIFIED,
-        giaddr: Ipv4Addr::UNSPECIFIED,
-        chaddr,
-        sname: Vec::new(),
-        file: Vec::new(),
-        options: Default::default(),
-    };
+    let mut probe = DhcpPacket::client_request(xid, MacAddr(PROBE_MAC));
+    probe.flags = 0x8000;
     probe.options.set(53, vec![1]);
     probe.options.set(55, vec![1, 3, 6, 54, 60, 66, 67]);
     sock.send_to(

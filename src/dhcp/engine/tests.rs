@@ -91,25 +91,8 @@ impl Client {
         }
     }
     fn packet(&self) -> DhcpPacket {
-        let mut chaddr = [0u8; 16];
-        chaddr[..6].copy_from_slice(&self.mac);
-        let mut p = DhcpPacket {
-            op: Op::Request,
-            htype: 1,
-            hlen: 6,
-            hops: 0,
-            xid: 0x1234_5678,
-            secs: 4,
-            flags: 0,
-            ciaddr: Ipv4Addr::UNSPECIFIED,
-            yiaddr: Ipv4Addr::UNSPECIFIED,
-            siaddr: Ipv4Addr::UNSPECIFIED,
-            giaddr: Ipv4Addr::UNSPECIFIED,
-            chaddr,
-            sname: vec![],
-            file: vec![],
-            options: Default::default(),
-        };
+        let mut p = DhcpPacket::client_request(0x1234_5678, MacAddr(self.mac));
+        p.secs = 4;
         p.options.set(53, vec![self.kind]);
         p.options.set(55, self.prl.clone());
         if let Some(v) = self.vendor {
