@@ -10,7 +10,7 @@ use pxed::mac::MacAddr;
 use pxed::stage::BootStage;
 use serde::Deserialize;
 
-use crate::machine::{Firmware, MachineSpec, Rom};
+use crate::machine::{Firmware, MachineSpec, NetBoot, Rom};
 
 /// Default deadline multiplier under TCG: emulation is several times slower than KVM.
 pub const DEFAULT_TCG_SCALE: f64 = 3.0;
@@ -78,6 +78,10 @@ pub struct ServerSection {
     /// Another DHCP server on the lab LAN that gives the addresses (for pxed in proxy mode):
     /// it runs in its own namespace at x.y.z.2, joined to the lab switch by its own TAP.
     pub address_server: Option<AddressServer>,
+    /// Extra files put in the TFTP/HTTP root before the server starts, name -> path: a
+    /// user's own iPXE build (named in the template's `[ipxe]`), shim, GRUB, ...
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// A DHCP server that gives addresses and no boot data.
@@ -109,6 +113,13 @@ pub struct MachineSection {
     /// Stages for this machine only (replace the lab's `[[expect]]`).
     #[serde(default)]
     pub expect: Vec<ExpectSection>,
+    /// A firmware image of your own: SeaBIOS's `-bios`, or the UEFI pflash code.
+    pub code: Option<PathBuf>,
+    /// A UEFI variable-store template of your own (copied for each run).
+    pub vars: Option<PathBuf>,
+    /// UEFI: `pxe` (default) or `http` (UEFI HTTP Boot).
+    #[serde(default)]
+    pub netboot: NetBoot,
 }
 
 /// `[[expect]]`.
@@ -144,6 +155,18 @@ impl LabFile {
         {
             lab.server.config = Some(base.join(c));
         }
+        for from in lab.server.files.values_mut() {
+            if from.is_relative() {
+                *from = base.join(&*from);
+            }
+        }
+        for m in &mut lab.machines {
+            for p in [&mut m.code, &mut m.vars].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         Ok(lab)
     }
 
@@ -174,6 +197,15 @@ impl LabFile {
             if !names.insert(&m.name) {
                 bail!("two machines are named `{}`", m.name);
             }
+            if m.netboot == NetBoot::Http && !m.firmware.is_uefi() {
+                bail!(
+                    "machine `{}`: netboot = \"http\" needs UEFI firmware",
+                    m.name
+                );
+            }
+            if m.vars.is_some() && !m.firmware.is_uefi() {
+                bail!("machine `{}`: vars is for UEFI firmware", m.name);
+            }
             if self.expect.is_empty() && m.expect.is_empty() {
                 bail!("machine `{}` expects no stage: add [[expect]]", m.name);
             }
@@ -188,6 +220,11 @@ impl LabFile {
         }
         if self.server.kind == ServerKind::Pxed && self.server.config.is_none() {
             bail!("[server] kind = \"pxed\" needs config = \"<template>\"");
+        }
+        for name in self.server.files.keys() {
+            if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
+                bail!("[server] files: `{name}` must be a relative path inside the root");
+            }
         }
         for t in &self.oracle.tolerate {
             let known = t.parse::<BootStage>().is_ok()
@@ -214,6 +251,9 @@ impl LabFile {
                     mac: m
                         .mac
                         .unwrap_or(MacAddr([0x52, 0x54, 0x00, 0x77, lab_id, i as u8 + 1])),
+                    firmware_code: m.code.clone(),
+                    firmware_vars: m.vars.clone(),
+                    netboot: m.netboot,
                 };
                 let expect = if m.expect.is_empty() {
                     self.expect.clone()

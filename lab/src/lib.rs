@@ -8,13 +8,15 @@
 //! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
 //! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
-//! - [`labfile`], [`run`]: lab definitions and running them; [`doctor`], [`cleanup`]: CLI helpers.
+//! - [`labfile`], [`run`]: lab definitions and running them; [`matrix`]: the firmware x NIC
+//!   matrix; [`doctor`], [`cleanup`]: CLI helpers.
 
 pub mod cleanup;
 pub mod cpio;
 pub mod doctor;
 pub mod labfile;
 pub mod machine;
+pub mod matrix;
 pub mod netns;
 pub mod oracle;
 pub mod payload;

@@ -18,6 +18,10 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// OVMF code (read-only pflash) and the template for each VM's variable store.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// OVMF with Secure Boot: code built with SMM, variables with Microsoft's keys enrolled
+/// (so Debian's shim, signed by Microsoft's UEFI CA, is trusted).
+pub const OVMF_SECBOOT_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
+pub const OVMF_SECBOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 /// A console line longer than this is split: firmware sometimes prints without newlines.
 const MAX_CONSOLE_LINE: usize = 4096;
 /// How long QEMU gets to leave after a QMP quit before it is killed.
@@ -32,6 +36,47 @@ pub enum Firmware {
     Seabios,
     /// OVMF x64 (UEFI); EDK2's own network stack unless an EFI ROM is given.
     Ovmf,
+    /// OVMF x64 with Secure Boot enforced (q35 with SMM, Microsoft's keys enrolled).
+    #[serde(rename = "ovmf-secboot")]
+    OvmfSecboot,
+}
+
+impl Firmware {
+    /// Whether it is UEFI (pflash code + per-VM variable store).
+    pub fn is_uefi(self) -> bool {
+        !matches!(self, Firmware::Seabios)
+    }
+
+    /// The name lab files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Seabios => "seabios",
+            Firmware::Ovmf => "ovmf",
+            Firmware::OvmfSecboot => "ovmf-secboot",
+        }
+    }
+
+    /// The firmware's own files: (code, variable-store template); None for SeaBIOS, which
+    /// QEMU brings itself.
+    pub fn default_files(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Firmware::Seabios => None,
+            Firmware::Ovmf => Some((OVMF_CODE, OVMF_VARS)),
+            Firmware::OvmfSecboot => Some((OVMF_SECBOOT_CODE, OVMF_SECBOOT_VARS)),
+        }
+    }
+}
+
+/// How a UEFI machine boots from its NIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBoot {
+    /// PXE first (the firmware's default order: PXEv4, PXEv6, HTTPv4, HTTPv6).
+    #[default]
+    Pxe,
+    /// UEFI HTTP Boot: OVMF's PXE is switched off (fw_cfg `opt/org.tianocore/IPv4PXESupport`
+    /// and `IPv6PXESupport`), so the NIC's first boot option is "UEFI HTTPv4".
+    Http,
 }
 
 /// The NIC's option ROM.
@@ -102,6 +147,12 @@ pub struct MachineSpec {
     pub memory_mib: u32,
     /// The NIC's MAC.
     pub mac: MacAddr,
+    /// User-supplied firmware: `-bios` for SeaBIOS, the pflash code for UEFI.
+    pub firmware_code: Option<PathBuf>,
+    /// User-supplied UEFI variable-store template (copied per VM).
+    pub firmware_vars: Option<PathBuf>,
+    /// PXE or UEFI HTTP Boot.
+    pub netboot: NetBoot,
 }
 
 /// A line of serial console output.
@@ -158,21 +209,61 @@ pub fn qemu_command(
         }
     }
     push(&["-device", &nic]);
-    match spec.firmware {
-        Firmware::Seabios => push(&["-boot", "n"]),
-        Firmware::Ovmf => {
+    if let Some(p) = &spec.firmware_code
+        && !p.exists()
+    {
+        bail!("firmware file {} does not exist", p.display());
+    }
+    if spec.netboot == NetBoot::Http && !spec.firmware.is_uefi() {
+        bail!("netboot = \"http\" needs UEFI firmware");
+    }
+    match spec.firmware.default_files() {
+        None => {
+            if let Some(code) = &spec.firmware_code {
+                push(&["-bios", &code.display().to_string()]);
+            }
+            push(&["-boot", "n"]);
+        }
+        Some((code, vars_template)) => {
+            let code = spec
+                .firmware_code
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(code));
+            let template = spec
+                .firmware_vars
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(vars_template));
             let vars = dir.join(format!("{}.OVMF_VARS.fd", spec.name));
-            std::fs::copy(OVMF_VARS, &vars)
-                .with_context(|| format!("copying {OVMF_VARS} (apt-get install ovmf)"))?;
+            std::fs::copy(&template, &vars).with_context(|| {
+                format!("copying {} (apt-get install ovmf)", template.display())
+            })?;
+            if spec.firmware == Firmware::OvmfSecboot {
+                // The Secure Boot build keeps its variables in SMM: q35 with SMM, and the
+                // flash writable only from SMM, or a guest could rewrite the keys.
+                push(&[
+                    "-machine",
+                    "q35,smm=on",
+                    "-global",
+                    "driver=cfi.pflash01,property=secure,value=on",
+                ]);
+            }
             push(&[
                 "-drive",
-                &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+                &format!("if=pflash,format=raw,readonly=on,file={}", code.display()),
                 "-drive",
                 &format!("if=pflash,format=raw,file={}", vars.display()),
                 // OVMF's network stack needs EFI_RNG_PROTOCOL.
                 "-device",
                 "virtio-rng-pci",
             ]);
+            if spec.netboot == NetBoot::Http {
+                for knob in ["IPv4PXESupport", "IPv6PXESupport"] {
+                    push(&[
+                        "-fw_cfg",
+                        &format!("name=opt/org.tianocore/{knob},string=n"),
+                    ]);
+                }
+            }
         }
     }
     Ok(a)
@@ -516,6 +607,9 @@ mod tests {
             rom: Rom::None,
             memory_mib: 512,
             mac: "52:54:00:00:00:01".parse().unwrap(),
+            firmware_code: None,
+            firmware_vars: None,
+            netboot: NetBoot::Pxe,
         };
         if !Path::new(OVMF_VARS).exists() {
             eprintln!("skipping: no OVMF");
