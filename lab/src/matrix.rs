@@ -189,6 +189,9 @@ pub struct Entry {
     pub needs: &'static [(&'static str, &'static str)],
     /// What it covers.
     pub about: &'static str,
+    /// A failure seen and understood: the stage it fails at and why. A run that fails there
+    /// is `known`; one that passes is flagged so the note gets removed.
+    pub known: Option<(BootStage, &'static str)>,
 }
 
 const fn bios(name: &'static str, nic: &'static str, tier: Tier, about: &'static str) -> Entry {
@@ -204,8 +207,15 @@ const fn bios(name: &'static str, nic: &'static str, tier: Tier, about: &'static
         console: None,
         needs: &[],
         about,
+        known: None,
     }
 }
+
+/// What the pcnet and i8255x machines do (QEMU 7.2, ipxe-qemu 1.21 ROMs, TCG): the HTTP
+/// download of the kernel stops after the server's first burst of full-size segments; the
+/// guest stops receiving (it answers neither the retransmissions nor ARP).
+const RX_WEDGE: &str =
+    "the guest NIC stops receiving during the kernel download (iPXE ROM + QEMU model)";
 
 const IPXE_QEMU: &[(&str, &str)] = &[("/usr/lib/ipxe/qemu/efi-e1000.rom", "ipxe-qemu")];
 
@@ -223,6 +233,7 @@ pub fn catalogue() -> Vec<Entry> {
         console: None,
         needs: &[],
         about,
+        known: None,
     };
     vec![
         bios(
@@ -255,19 +266,25 @@ pub fn catalogue() -> Vec<Entry> {
             Tier::Standard,
             "VMware's paravirtual NIC",
         ),
-        bios("bios-pcnet", "pcnet", Tier::Standard, "AMD PCnet (pcnet32)"),
+        Entry {
+            known: Some((BootStage::OsKernel, RX_WEDGE)),
+            ..bios("bios-pcnet", "pcnet", Tier::Slow, "AMD PCnet (pcnet32)")
+        },
         bios(
             "bios-ne2k",
             "ne2k_pci",
             Tier::Slow,
             "NE2000 PCI: programmed I/O, the slowest transfer",
         ),
-        bios(
-            "bios-i82559er",
-            "i82559er",
-            Tier::Standard,
-            "Intel i8255x (eepro100/e100)",
-        ),
+        Entry {
+            known: Some((BootStage::OsKernel, RX_WEDGE)),
+            ..bios(
+                "bios-i82559er",
+                "i82559er",
+                Tier::Slow,
+                "Intel i8255x (eepro100/e100)",
+            )
+        },
         Entry {
             needs: IPXE_QEMU,
             ..uefi(
@@ -307,7 +324,7 @@ pub fn catalogue() -> Vec<Entry> {
             EntryRom::None,
             NetBoot::Http,
             BootPath::HttpBoot,
-            Tier::Standard,
+            Tier::Ci,
             "OVMF x64 UEFI HTTP Boot (HttpBootDxe, arch 16): PXE off by fw_cfg",
         ),
         Entry {
@@ -325,7 +342,7 @@ pub fn catalogue() -> Vec<Entry> {
                 EntryRom::None,
                 NetBoot::Pxe,
                 BootPath::Shim,
-                Tier::Standard,
+                Tier::Ci,
                 "OVMF x64, Secure Boot enforced: signed shim -> signed GRUB -> signed kernel",
             )
         },
@@ -410,6 +427,8 @@ pub enum RowResult {
     Failed,
     /// Not run: a needed file is missing.
     Skipped,
+    /// Failed where its `known` note says it does.
+    Known,
 }
 
 /// A whole matrix run.
@@ -477,6 +496,7 @@ impl MatrixReport {
                 RowResult::Passed => "ok",
                 RowResult::Failed => "FAILED",
                 RowResult::Skipped => "skipped",
+                RowResult::Known => "known",
             };
             let _ = write!(
                 s,
@@ -678,6 +698,11 @@ fn row_from_run(e: &Entry, run: &Result<crate::report::RunReport>) -> MatrixRow 
     match &m.verdict {
         Verdict::Passed => {
             row.result = RowResult::Passed;
+            if let Some((at, _)) = e.known {
+                row.reason = Some(format!(
+                    "passed although marked as failing at {at}: remove the known note"
+                ));
+            }
             if let Some(needle) = e.console {
                 let log = report.run_dir.join(format!("{}.console.log", e.name));
                 let text = std::fs::read(&log).unwrap_or_default();
@@ -688,6 +713,13 @@ fn row_from_run(e: &Entry, run: &Result<crate::report::RunReport>) -> MatrixRow 
             }
         }
         Verdict::Failed { stage, reason, .. } => {
+            if let Some((at, why)) = e.known
+                && *stage == Some(at)
+            {
+                row.result = RowResult::Known;
+                row.reason = Some(format!("known failure at {at}: {why}"));
+                return row;
+            }
             row.reason = Some(format!(
                 "failed at {}: {reason}",
                 stage.map(|s| s.as_str()).unwrap_or("?")

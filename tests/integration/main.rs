@@ -6,4 +6,5 @@ mod support;
 mod dhcp_proxy;
 mod http;
 mod lab_boot;
+mod lab_matrix;
 mod tftp;
