@@ -120,6 +120,8 @@ pub struct MachineSection {
     /// UEFI: `pxe` (default) or `http` (UEFI HTTP Boot).
     #[serde(default)]
     pub netboot: NetBoot,
+    /// Boot media booted before the NIC: a `.iso` (CD) or a USB disk image.
+    pub media: Option<PathBuf>,
 }
 
 /// `[[expect]]`.
@@ -161,7 +163,10 @@ impl LabFile {
             }
         }
         for m in &mut lab.machines {
-            for p in [&mut m.code, &mut m.vars].into_iter().flatten() {
+            for p in [&mut m.code, &mut m.vars, &mut m.media]
+                .into_iter()
+                .flatten()
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -254,6 +259,7 @@ impl LabFile {
                     firmware_code: m.code.clone(),
                     firmware_vars: m.vars.clone(),
                     netboot: m.netboot,
+                    media: m.media.clone(),
                 };
                 let expect = if m.expect.is_empty() {
                     self.expect.clone()

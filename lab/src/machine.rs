@@ -153,6 +153,9 @@ pub struct MachineSpec {
     pub firmware_vars: Option<PathBuf>,
     /// PXE or UEFI HTTP Boot.
     pub netboot: NetBoot,
+    /// Boot media attached and booted first (`pxed media` output): a `.iso` is a CD, any
+    /// other file a USB stick. The file is never written (QEMU snapshot/read-only).
+    pub media: Option<PathBuf>,
 }
 
 /// A line of serial console output.
@@ -217,12 +220,40 @@ pub fn qemu_command(
     if spec.netboot == NetBoot::Http && !spec.firmware.is_uefi() {
         bail!("netboot = \"http\" needs UEFI firmware");
     }
+    if let Some(media) = &spec.media {
+        if !media.exists() {
+            bail!("boot media {} does not exist", media.display());
+        }
+        let file = media.display().to_string();
+        if media
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("iso"))
+        {
+            push(&[
+                "-drive",
+                &format!("if=none,id=media,format=raw,media=cdrom,readonly=on,file={file}"),
+                "-device",
+                "ide-cd,drive=media,bootindex=0",
+            ]);
+        } else {
+            push(&[
+                "-device",
+                "qemu-xhci,id=xhci",
+                "-drive",
+                &format!("if=none,id=media,format=raw,snapshot=on,file={file}"),
+                "-device",
+                "usb-storage,bus=xhci.0,drive=media,bootindex=0",
+            ]);
+        }
+    }
     match spec.firmware.default_files() {
         None => {
             if let Some(code) = &spec.firmware_code {
                 push(&["-bios", &code.display().to_string()]);
             }
-            push(&["-boot", "n"]);
+            if spec.media.is_none() {
+                push(&["-boot", "n"]);
+            }
         }
         Some((code, vars_template)) => {
             let code = spec
@@ -610,6 +641,7 @@ mod tests {
             firmware_code: None,
             firmware_vars: None,
             netboot: NetBoot::Pxe,
+            media: None,
         };
         if !Path::new(OVMF_VARS).exists() {
             eprintln!("skipping: no OVMF");

@@ -6,12 +6,16 @@
 //! - `uefi-virtio-http`: UEFI HTTP Boot, so pxed's `HTTPClient` answer is taken by EDK2;
 //! - `uefi-secboot-shim`: Secure Boot enforced, Debian's signed shim -> GRUB -> kernel.
 //!
-//! The other NICs and firmware run with `pxelab matrix` / `pxelab matrix --all`.
+//! The other NICs and firmware run with `pxelab matrix` / `pxelab matrix --all`. A second
+//! test boots machines without any NIC ROM from `pxed media` images.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pxed::stage::BootStage;
+use pxelab::labfile::LabFile;
+use pxelab::machine::Rom;
 use pxelab::matrix::{MatrixOptions, RowResult, run_matrix};
+use pxelab::run::{RunOptions, run_lab};
 
 use crate::require_root;
 
@@ -90,4 +94,61 @@ fn representative_matrix_boots_to_phone_home() {
     )
     .unwrap();
     assert!(String::from_utf8_lossy(&console).contains("Secure boot enabled"));
+}
+
+/// `pxed media`: two machines whose NIC has no PXE ROM at all (`rom = "none"`; OVMF has no
+/// e1000 driver either) boot the images `pxed media` writes for this lab's pxed, then netboot
+/// through it to phone-home. SeaBIOS boots the USB stick image, OVMF the ISO's EFI image.
+#[test]
+fn media_boot_machines_whose_nic_has_no_pxe() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab =
+        LabFile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/labs/matrix-media.toml"))
+            .unwrap();
+    // The lab's subnet is fixed in the file, so the media can name the server before it runs.
+    assert_eq!(lab.lab.subnet.as_deref(), Some("10.77.1.0/24"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pxed"))
+        .args(["media", "--server", "http://10.77.1.1:8080", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pxed media failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = dir.path().join("pxed-boot.img");
+    let iso = dir.path().join("pxed-boot.iso");
+    assert!(img.exists() && iso.exists());
+    lab.server.binary = Some(PathBuf::from(env!("CARGO_BIN_EXE_pxed")));
+    for m in &mut lab.machines {
+        assert_eq!(m.rom, Rom::None, "{}: the NIC must have no ROM", m.name);
+        m.media = Some(if m.name == "bios-usb" {
+            img.clone()
+        } else {
+            iso.clone()
+        });
+    }
+    let report = run_lab(
+        &lab,
+        &RunOptions {
+            progress: true,
+            run_dir: None,
+        },
+    )
+    .unwrap();
+    eprint!("{}", report.summary());
+    assert!(report.passed(), "{}", report.summary());
+    for m in &report.machines {
+        // iPXE from the media did the whole network boot: no TFTP, no firmware PXE.
+        assert!(!m.seen.contains_key(&BootStage::TftpRequest), "{}", m.name);
+    }
+    // The BIOS stick ran the media's own script (handed to iPXE as its initrd).
+    let console = std::fs::read(report.run_dir.join("bios-usb.console.log")).unwrap();
+    let console = String::from_utf8_lossy(&console);
+    assert!(console.contains("SYSLINUX"));
+    assert!(console.contains("pxed media: booting through http://10.77.1.1:8080"));
+    let console = std::fs::read(report.run_dir.join("uefi-cd.console.log")).unwrap();
+    assert!(String::from_utf8_lossy(&console).contains("DVD-ROM"));
 }
