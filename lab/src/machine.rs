@@ -22,6 +22,10 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// (so Debian's shim, signed by Microsoft's UEFI CA, is trusted).
 pub const OVMF_SECBOOT_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
 pub const OVMF_SECBOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// OVMF ia32 (`ovmf-ia32`): Debian ships only the SMM build; its variables enroll no keys,
+/// so Secure Boot is off.
+pub const OVMF_IA32_CODE: &str = "/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd";
+pub const OVMF_IA32_VARS: &str = "/usr/share/OVMF/OVMF32_VARS_4M.fd";
 /// A console line longer than this is split: firmware sometimes prints without newlines.
 const MAX_CONSOLE_LINE: usize = 4096;
 /// How long QEMU gets to leave after a QMP quit before it is killed.
@@ -39,6 +43,9 @@ pub enum Firmware {
     /// OVMF x64 with Secure Boot enforced (q35 with SMM, Microsoft's keys enrolled).
     #[serde(rename = "ovmf-secboot")]
     OvmfSecboot,
+    /// OVMF ia32 (32-bit UEFI, client arch 6) on a 64-bit CPU.
+    #[serde(rename = "ovmf-ia32")]
+    OvmfIa32,
 }
 
 impl Firmware {
@@ -53,6 +60,7 @@ impl Firmware {
             Firmware::Seabios => "seabios",
             Firmware::Ovmf => "ovmf",
             Firmware::OvmfSecboot => "ovmf-secboot",
+            Firmware::OvmfIa32 => "ovmf-ia32",
         }
     }
 
@@ -63,7 +71,13 @@ impl Firmware {
             Firmware::Seabios => None,
             Firmware::Ovmf => Some((OVMF_CODE, OVMF_VARS)),
             Firmware::OvmfSecboot => Some((OVMF_SECBOOT_CODE, OVMF_SECBOOT_VARS)),
+            Firmware::OvmfIa32 => Some((OVMF_IA32_CODE, OVMF_IA32_VARS)),
         }
+    }
+
+    /// Built with SMM-protected variables: needs q35 with SMM and SMM-only flash writes.
+    fn needs_smm(self) -> bool {
+        matches!(self, Firmware::OvmfSecboot | Firmware::OvmfIa32)
     }
 }
 
@@ -268,7 +282,7 @@ pub fn qemu_command(
             std::fs::copy(&template, &vars).with_context(|| {
                 format!("copying {} (apt-get install ovmf)", template.display())
             })?;
-            if spec.firmware == Firmware::OvmfSecboot {
+            if spec.firmware.needs_smm() {
                 // The Secure Boot build keeps its variables in SMM: q35 with SMM, and the
                 // flash writable only from SMM, or a guest could rewrite the keys.
                 push(&[

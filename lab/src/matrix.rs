@@ -46,8 +46,9 @@ pub enum BootPath {
     FirmwarePxe,
     /// UEFI HTTP Boot: the firmware fetches snponly.efi by HTTP from the URL pxed offers.
     HttpBoot,
-    /// Secure Boot: signed shim by TFTP, then signed GRUB, then the signed kernel.
-    Shim,
+    /// The firmware's PXE loads a boot loader by TFTP (signed shim then GRUB, or GRUB alone),
+    /// which loads the kernel and initrd by TFTP: no iPXE anywhere.
+    Loader,
 }
 
 impl BootPath {
@@ -81,7 +82,7 @@ impl BootPath {
                 (OsUserspace, 90),
                 (OsPhoneHome, 100),
             ],
-            BootPath::Shim => &[
+            BootPath::Loader => &[
                 (DhcpAck, 30),
                 (TftpComplete, 40),
                 (OsKernel, 100),
@@ -110,6 +111,8 @@ pub enum Flavor {
     Full,
     /// `matrix-secboot.pxed.toml`: the signed chain shim -> GRUB -> kernel.
     SecureBoot,
+    /// `matrix-ia32.pxed.toml`: arch 6 gets GRUB's i386-efi network image.
+    Ia32Grub,
 }
 
 /// Debian's signed shim (Microsoft-signed, trusts Debian's key).
@@ -122,6 +125,7 @@ impl Flavor {
         match self {
             Flavor::Full => include_str!("../labs/pxed-full.pxed.toml"),
             Flavor::SecureBoot => include_str!("../labs/matrix-secboot.pxed.toml"),
+            Flavor::Ia32Grub => include_str!("../labs/matrix-ia32.pxed.toml"),
         }
     }
 
@@ -130,7 +134,8 @@ impl Flavor {
     fn tolerate(self) -> &'static [&'static str] {
         match self {
             Flavor::Full => &[],
-            Flavor::SecureBoot => &["tftp.error"],
+            // GRUB also probes for files it may lack (command.lst, grub.cfg-<mac>, ...).
+            Flavor::SecureBoot | Flavor::Ia32Grub => &["tftp.error"],
         }
     }
 
@@ -148,8 +153,57 @@ impl Flavor {
                     ("grub.cfg".into(), cfg),
                 ]
             }
+            Flavor::Ia32Grub => {
+                let cfg = dir.join("grub.cfg");
+                std::fs::write(&cfg, GRUB_CFG)?;
+                let image = dir.join("grubia32.efi");
+                grub_ia32_image(&image)?;
+                vec![
+                    ("grubia32.efi".into(), image),
+                    ("grub/grub.cfg".into(), cfg),
+                ]
+            }
         })
     }
+}
+
+/// GRUB's i386-efi modules (`grub-efi-ia32-bin`).
+const GRUB_IA32_MODULES: &str = "/usr/lib/grub/i386-efi";
+/// What the ia32 GRUB network image needs built in: the EFI NIC, TFTP, the Linux loader,
+/// and the script commands grub.cfg uses.
+const GRUB_IA32_BUILTIN: &[&str] = &[
+    "efinet",
+    "tftp",
+    "net",
+    "linux",
+    "normal",
+    "configfile",
+    "echo",
+    "test",
+    "efi_gop",
+];
+
+/// Build GRUB's i386-efi network image (prefix `/grub`, so it reads `grub/grub.cfg` from the
+/// TFTP server it came from).
+fn grub_ia32_image(out: &Path) -> Result<()> {
+    let status = std::process::Command::new("grub-mkimage")
+        .args([
+            "-O",
+            "i386-efi",
+            "-d",
+            GRUB_IA32_MODULES,
+            "-p",
+            "/grub",
+            "-o",
+        ])
+        .arg(out)
+        .args(GRUB_IA32_BUILTIN)
+        .status()
+        .context("running grub-mkimage (apt-get install grub-common grub-efi-ia32-bin)")?;
+    if !status.success() {
+        bail!("grub-mkimage -O i386-efi failed ({status})");
+    }
+    Ok(())
 }
 
 /// GRUB's menu for the Secure Boot chain: the signed kernel and the lab initrd from the TFTP
@@ -341,9 +395,26 @@ pub fn catalogue() -> Vec<Entry> {
                 "virtio-net-pci",
                 EntryRom::None,
                 NetBoot::Pxe,
-                BootPath::Shim,
+                BootPath::Loader,
                 Tier::Ci,
                 "OVMF x64, Secure Boot enforced: signed shim -> signed GRUB -> signed kernel",
+            )
+        },
+        Entry {
+            firmware: Firmware::OvmfIa32,
+            flavor: Flavor::Ia32Grub,
+            needs: &[
+                ("/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd", "ovmf-ia32"),
+                ("/usr/lib/grub/i386-efi/efinet.mod", "grub-efi-ia32-bin"),
+            ],
+            ..uefi(
+                "uefi-ia32-grub",
+                "virtio-net-pci",
+                EntryRom::None,
+                NetBoot::Pxe,
+                BootPath::Loader,
+                Tier::Standard,
+                "OVMF ia32 (arch 6), EDK2's PXE loading GRUB's i386-efi image (no ia32 iPXE in Debian)",
             )
         },
     ]
@@ -776,6 +847,7 @@ mod tests {
         let all = catalogue();
         let refs: Vec<&Entry> = all.iter().collect();
         for flavor in [Flavor::Full, Flavor::SecureBoot] {
+            // (Ia32Grub needs grub-mkimage; its lab text is built the same way.)
             let files = flavor.files(dir.path()).unwrap();
             let text = lab_toml(
                 "m",
@@ -794,6 +866,127 @@ mod tests {
                 .unwrap();
             assert_eq!(http.0.netboot, NetBoot::Http);
             assert!(http.1.iter().any(|e| e.stage == BootStage::HttpAsset));
+        }
+    }
+
+    #[test]
+    fn labs_take_user_supplied_firmware_roms_ipxe_and_media() {
+        let text = r#"
+[lab]
+name = "mine"
+[server]
+kind = "pxed"
+config = "mine.pxed.toml"
+files = { "my-undionly.kpxe" = "build/undionly.kpxe", "sub/shim.efi" = "/srv/shim.efi" }
+[[machine]]
+name = "b"
+rom = "/opt/roms/my-e1000.rom"
+code = "/opt/fw/bios.bin"
+[[machine]]
+name = "u"
+firmware = "ovmf"
+code = "/opt/fw/CODE.fd"
+vars = "/opt/fw/VARS.fd"
+netboot = "http"
+media = "/tmp/pxed-boot.iso"
+[[expect]]
+stage = "os.phone-home"
+within = "60s"
+"#;
+        let lab = LabFile::parse(text).unwrap();
+        let specs = lab.machine_specs(1);
+        let (b, u) = (&specs[0].0, &specs[1].0);
+        assert_eq!(
+            b.rom,
+            crate::machine::Rom::File("/opt/roms/my-e1000.rom".into())
+        );
+        assert_eq!(
+            b.firmware_code.as_deref(),
+            Some(Path::new("/opt/fw/bios.bin"))
+        );
+        assert_eq!(
+            u.firmware_vars.as_deref(),
+            Some(Path::new("/opt/fw/VARS.fd"))
+        );
+        assert_eq!(u.netboot, NetBoot::Http);
+        assert_eq!(u.media.as_deref(), Some(Path::new("/tmp/pxed-boot.iso")));
+        assert_eq!(lab.server.files.len(), 2);
+        // HTTP Boot and a VARS file are UEFI things; files stay inside the root.
+        assert!(
+            LabFile::parse(&text.replace("name = \"b\"", "name = \"b\"\nnetboot = \"http\""))
+                .is_err()
+        );
+        assert!(
+            LabFile::parse(&text.replace("code = \"/opt/fw/bios.bin\"", "vars = \"/v\"")).is_err()
+        );
+        assert!(LabFile::parse(&text.replace("sub/shim.efi", "../shim.efi")).is_err());
+    }
+
+    #[test]
+    fn qemu_lines_for_user_firmware_http_boot_and_media() {
+        use crate::machine::{Accel, MachineSpec, Rom, qemu_command};
+        let dir = tempfile::tempdir().unwrap();
+        let vars = dir.path().join("my-vars.fd");
+        let code = dir.path().join("my-code.fd");
+        let iso = dir.path().join("boot.iso");
+        for f in [&vars, &code, &iso] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let spec = MachineSpec {
+            name: "u".into(),
+            firmware: Firmware::Ovmf,
+            nic: "e1000".into(),
+            rom: Rom::None,
+            memory_mib: 512,
+            mac: "52:54:00:00:00:02".parse().unwrap(),
+            firmware_code: Some(code.clone()),
+            firmware_vars: Some(vars),
+            netboot: NetBoot::Http,
+            media: Some(iso.clone()),
+        };
+        let line = qemu_command(&spec, Accel::Tcg, Path::new("/s.sock"), dir.path())
+            .unwrap()
+            .join(" ");
+        assert!(
+            line.contains(&format!("readonly=on,file={}", code.display())),
+            "{line}"
+        );
+        assert!(line.contains("name=opt/org.tianocore/IPv4PXESupport,string=n"));
+        assert!(line.contains("name=opt/org.tianocore/IPv6PXESupport,string=n"));
+        assert!(line.contains(&format!("media=cdrom,readonly=on,file={}", iso.display())));
+        assert!(line.contains("ide-cd,drive=media,bootindex=0"));
+        // The user's VARS template was copied, not used in place.
+        assert_eq!(
+            std::fs::read(dir.path().join("u.OVMF_VARS.fd")).unwrap(),
+            b"x"
+        );
+        let bios = MachineSpec {
+            firmware: Firmware::Seabios,
+            netboot: NetBoot::Pxe,
+            media: None,
+            firmware_vars: None,
+            ..spec
+        };
+        let line = qemu_command(&bios, Accel::Tcg, Path::new("/s.sock"), dir.path())
+            .unwrap()
+            .join(" ");
+        assert!(
+            line.contains(&format!("-bios {}", code.display())),
+            "{line}"
+        );
+        assert!(line.contains("-boot n"));
+        let secboot = MachineSpec {
+            firmware: Firmware::OvmfSecboot,
+            firmware_code: None,
+            ..bios
+        };
+        if Path::new(crate::machine::OVMF_SECBOOT_VARS).exists() {
+            let line = qemu_command(&secboot, Accel::Tcg, Path::new("/s.sock"), dir.path())
+                .unwrap()
+                .join(" ");
+            assert!(line.contains("-machine q35,smm=on"));
+            assert!(line.contains("driver=cfi.pflash01,property=secure,value=on"));
+            assert!(line.contains("OVMF_CODE_4M.ms.fd"));
         }
     }
 
