@@ -5,12 +5,13 @@
 //! # Layout
 //! - [`netns`], [`switch`], [`pcap`]: the virtual LAN.
 //! - [`machine`]: firmware/NIC/ROM catalogue and running QEMUs.
-//! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
+//! - [`payload`], [`cpio`]: the Debian kernel and our initramfs; [`arm64`]: the same for arm64.
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
 //! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
 //! - [`labfile`], [`run`]: lab definitions and running them; [`matrix`]: the firmware x NIC
 //!   matrix; [`doctor`], [`cleanup`]: CLI helpers.
 
+pub mod arm64;
 pub mod cleanup;
 pub mod cpio;
 pub mod doctor;

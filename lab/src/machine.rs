@@ -26,6 +26,11 @@ pub const OVMF_SECBOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 /// so Secure Boot is off.
 pub const OVMF_IA32_CODE: &str = "/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd";
 pub const OVMF_IA32_VARS: &str = "/usr/share/OVMF/OVMF32_VARS_4M.fd";
+/// AAVMF (`qemu-efi-aarch64`): EDK2 for QEMU's arm64 `virt` machine.
+pub const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+pub const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+/// The QEMU binary for arm64 machines (`qemu-system-arm`).
+pub const QEMU_AARCH64: &str = "qemu-system-aarch64";
 /// A console line longer than this is split: firmware sometimes prints without newlines.
 const MAX_CONSOLE_LINE: usize = 4096;
 /// How long QEMU gets to leave after a QMP quit before it is killed.
@@ -46,6 +51,8 @@ pub enum Firmware {
     /// OVMF ia32 (32-bit UEFI, client arch 6) on a 64-bit CPU.
     #[serde(rename = "ovmf-ia32")]
     OvmfIa32,
+    /// AAVMF: arm64 UEFI (client arch 11) on QEMU's `virt` machine.
+    Aavmf,
 }
 
 impl Firmware {
@@ -61,6 +68,7 @@ impl Firmware {
             Firmware::Ovmf => "ovmf",
             Firmware::OvmfSecboot => "ovmf-secboot",
             Firmware::OvmfIa32 => "ovmf-ia32",
+            Firmware::Aavmf => "aavmf",
         }
     }
 
@@ -72,6 +80,15 @@ impl Firmware {
             Firmware::Ovmf => Some((OVMF_CODE, OVMF_VARS)),
             Firmware::OvmfSecboot => Some((OVMF_SECBOOT_CODE, OVMF_SECBOOT_VARS)),
             Firmware::OvmfIa32 => Some((OVMF_IA32_CODE, OVMF_IA32_VARS)),
+            Firmware::Aavmf => Some((AAVMF_CODE, AAVMF_VARS)),
+        }
+    }
+
+    /// The QEMU binary that runs it.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Firmware::Aavmf => QEMU_AARCH64,
+            _ => QEMU,
         }
     }
 
@@ -193,7 +210,10 @@ pub fn qemu_command(
     let mut a: Vec<String> = Vec::new();
     let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
     push(&["-name", &spec.name, "-accel", accel.as_str()]);
-    if accel == Accel::Tcg {
+    if spec.firmware == Firmware::Aavmf {
+        // QEMU's arm64 board; a Cortex-A57 is cheaper to emulate than `max` (no pointer auth).
+        push(&["-machine", "virt", "-cpu", "cortex-a57"]);
+    } else if accel == Accel::Tcg {
         // Modern kernels need x86-64-v2; `max` offers everything TCG can emulate.
         push(&["-cpu", "max"]);
     }
@@ -340,15 +360,20 @@ impl Vm {
         let stderr = std::fs::File::create(dir.join(format!("{}.qemu-stderr.log", spec.name)))?;
         std::fs::write(
             dir.join(format!("{}.qemu-cmdline.txt", spec.name)),
-            shell_line(QEMU, args),
+            shell_line(spec.firmware.qemu(), args),
         )?;
-        let mut child = Command::new(QEMU)
+        let mut child = Command::new(spec.firmware.qemu())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("starting {QEMU} (apt-get install qemu-system-x86)"))?;
+            .with_context(|| {
+                format!(
+                    "starting {} (apt-get install qemu-system-x86 qemu-system-arm)",
+                    spec.firmware.qemu()
+                )
+            })?;
         let started = Instant::now();
         let started_at = SystemTime::now();
         let log = std::fs::File::create(dir.join(format!("{}.console.log", spec.name)))?;
