@@ -151,7 +151,7 @@ impl Flavor {
         }
     }
 
-    /// Files the flavour adds to the server's root, as lab-file TOML lines.
+    /// Files the flavour adds to the server's root: (name in the root, source path).
     fn files(self, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         Ok(match self {
             Flavor::Full => Vec::new(),
@@ -359,8 +359,8 @@ pub fn catalogue() -> Vec<Entry> {
         bios(
             "bios-ne2k",
             "ne2k_pci",
-            Tier::Slow,
-            "NE2000 PCI: programmed I/O, the slowest transfer",
+            Tier::Standard,
+            "NE2000 PCI: programmed I/O, no DMA",
         ),
         Entry {
             known: Some((BootStage::OsKernel, RX_WEDGE)),
