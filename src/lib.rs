@@ -17,6 +17,7 @@
 //! - [`leases`]: durable lease store (ACK only after the lease is on disk).
 //! - [`net`]: OS networking (interface binding, interface addresses, ARP entries).
 //! - [`server`]: wires the pieces together on one tokio runtime.
+//! - [`media`]: `pxed media`, USB/ISO images that start iPXE when the NIC cannot PXE boot.
 
 pub mod config;
 pub mod dhcp;
@@ -25,6 +26,7 @@ pub mod http;
 pub mod ipv6_ra;
 pub mod leases;
 pub mod mac;
+pub mod media;
 pub mod net;
 pub mod policy;
 pub mod server;

@@ -61,6 +61,28 @@ enum Command {
         #[arg(long)]
         event_log: Option<PathBuf>,
     },
+    /// Write boot media (USB image and ISO, BIOS and UEFI) that start iPXE from a stick or
+    /// CD and netboot through this pxed: for machines whose NIC has no working PXE ROM.
+    Media {
+        /// pxed's HTTP base URL, e.g. http://192.168.1.10:8080.
+        #[arg(long)]
+        server: String,
+        /// Output directory (pxed-boot.img, pxed-boot.iso, pxed-boot.ipxe).
+        #[arg(long, short, default_value = ".")]
+        out: PathBuf,
+        /// iPXE as a Linux kernel image, for BIOS (default: Debian's ipxe.lkrn).
+        #[arg(long)]
+        ipxe_lkrn: Option<PathBuf>,
+        /// iPXE for x86-64 UEFI (default: Debian's ipxe.efi).
+        #[arg(long)]
+        ipxe_efi: Option<PathBuf>,
+        /// Only the USB disk image.
+        #[arg(long, conflicts_with = "iso_only")]
+        usb_only: bool,
+        /// Only the ISO.
+        #[arg(long)]
+        iso_only: bool,
+    },
     /// Check a config file and report every problem with its location.
     Check {
         /// The file.
@@ -190,6 +212,30 @@ fn main() -> ExitCode {
                 ImportFrom::Dhcpd => pxed::leases::import::Source::Dhcpd,
             };
             server::import(source, leases.as_deref(), hosts.as_deref(), &state_dir)
+        }
+        Command::Media {
+            server,
+            out,
+            ipxe_lkrn,
+            ipxe_efi,
+            usb_only,
+            iso_only,
+        } => {
+            let mut opts = pxed::media::MediaOptions::new(&server, &out);
+            opts.ipxe_lkrn = ipxe_lkrn.unwrap_or(opts.ipxe_lkrn);
+            opts.ipxe_efi = ipxe_efi.unwrap_or(opts.ipxe_efi);
+            if usb_only {
+                opts.kinds = vec![pxed::media::MediaKind::Usb];
+            } else if iso_only {
+                opts.kinds = vec![pxed::media::MediaKind::Iso];
+            }
+            pxed::media::write_media(&opts)
+                .map(|paths| {
+                    for p in paths {
+                        println!("{}", p.display());
+                    }
+                })
+                .map_err(anyhow::Error::from)
         }
     };
     match result {

@@ -198,7 +198,7 @@ pub fn libvirt_domain(def: &VmFile, disk: Option<&Path>) -> String {
     let _ = writeln!(o, "  <vcpu>{}</vcpu>", vm.cpus);
     match vm.firmware {
         Firmware::Seabios => o.push_str("  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n  </os>\n"),
-        Firmware::Ovmf => o.push_str("  <os firmware='efi'>\n    <type arch='x86_64' machine='q35'>hvm</type>\n    <firmware>\n      <feature enabled='no' name='secure-boot'/>\n    </firmware>\n  </os>\n"),
+        Firmware::Ovmf | Firmware::OvmfSecboot | Firmware::OvmfIa32 | Firmware::Aavmf => o.push_str("  <os firmware='efi'>\n    <type arch='x86_64' machine='q35'>hvm</type>\n    <firmware>\n      <feature enabled='no' name='secure-boot'/>\n    </firmware>\n  </os>\n"),
     }
     o.push_str("  <features>\n    <acpi/>\n    <apic/>\n  </features>\n  <devices>\n");
     let order = |d: BootDevice| vm.boot.iter().position(|b| *b == d).map(|p| p + 1);

@@ -10,7 +10,7 @@ use pxed::mac::MacAddr;
 use pxed::stage::BootStage;
 use serde::Deserialize;
 
-use crate::machine::{Firmware, MachineSpec, Rom};
+use crate::machine::{Firmware, MachineSpec, NetBoot, Rom};
 
 /// Default deadline multiplier under TCG: emulation is several times slower than KVM.
 pub const DEFAULT_TCG_SCALE: f64 = 3.0;
@@ -85,6 +85,10 @@ pub struct ServerSection {
     pub address_server: Option<AddressServer>,
     /// vm: the server VM's definition (default: `vm-images/pxe-server.toml`).
     pub definition: Option<PathBuf>,
+    /// Extra files put in the TFTP/HTTP root before the server starts, name -> path: a
+    /// user's own iPXE build (named in the template's `[ipxe]`), shim, GRUB, ...
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// A DHCP server that gives addresses and no boot data.
@@ -123,6 +127,15 @@ pub struct MachineSection {
     /// Link impairments on this machine's port (loss, duplication, reordering, delay, MTU,
     /// link-up delay).
     pub impair: Option<crate::impair::ImpairConfig>,
+    /// A firmware image of your own: SeaBIOS's `-bios`, or the UEFI pflash code.
+    pub code: Option<PathBuf>,
+    /// A UEFI variable-store template of your own (copied for each run).
+    pub vars: Option<PathBuf>,
+    /// UEFI: `pxe` (default) or `http` (UEFI HTTP Boot).
+    #[serde(default)]
+    pub netboot: NetBoot,
+    /// Boot media booted before the NIC: a `.iso` (CD) or a USB disk image.
+    pub media: Option<PathBuf>,
 }
 
 /// `[[expect]]`.
@@ -168,6 +181,21 @@ impl LabFile {
                 *q = crate::quirks::rebase(q, base);
             }
         }
+        for from in lab.server.files.values_mut() {
+            if from.is_relative() {
+                *from = base.join(&*from);
+            }
+        }
+        for m in &mut lab.machines {
+            for p in [&mut m.code, &mut m.vars, &mut m.media]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         Ok(lab)
     }
 
@@ -207,6 +235,15 @@ impl LabFile {
                 i.validate()
                     .with_context(|| format!("machine `{}`", m.name))?;
             }
+            if m.netboot == NetBoot::Http && !m.firmware.is_uefi() {
+                bail!(
+                    "machine `{}`: netboot = \"http\" needs UEFI firmware",
+                    m.name
+                );
+            }
+            if m.vars.is_some() && !m.firmware.is_uefi() {
+                bail!("machine `{}`: vars is for UEFI firmware", m.name);
+            }
             if self.expect.is_empty() && m.expect.is_empty() {
                 bail!("machine `{}` expects no stage: add [[expect]]", m.name);
             }
@@ -221,6 +258,11 @@ impl LabFile {
         }
         if self.server.kind == ServerKind::Pxed && self.server.config.is_none() {
             bail!("[server] kind = \"pxed\" needs config = \"<template>\"");
+        }
+        for name in self.server.files.keys() {
+            if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
+                bail!("[server] files: `{name}` must be a relative path inside the root");
+            }
         }
         for t in &self.oracle.tolerate {
             let known = t.parse::<BootStage>().is_ok()
@@ -247,6 +289,10 @@ impl LabFile {
                     mac: m
                         .mac
                         .unwrap_or(MacAddr([0x52, 0x54, 0x00, 0x77, lab_id, i as u8 + 1])),
+                    firmware_code: m.code.clone(),
+                    firmware_vars: m.vars.clone(),
+                    netboot: m.netboot,
+                    media: m.media.clone(),
                 };
                 let expect = if m.expect.is_empty() {
                     self.expect.clone()

@@ -5,15 +5,16 @@
 //! # Layout
 //! - [`netns`], [`switch`], [`pcap`]: the virtual LAN.
 //! - [`machine`]: firmware/NIC/ROM catalogue and running QEMUs.
-//! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
+//! - [`payload`], [`cpio`]: the Debian kernel and our initramfs; [`arm64`]: the same for arm64.
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
 //! - [`wire`], [`oracle`], [`report`], [`breakdown`]: evidence, verdicts, reports, and where
 //!   the seconds of each boot went.
 //! - [`impair`], [`quirks`]: link impairments and firmware quirk profiles on switch ports.
 //! - [`replay`], [`bundle`]: replaying field captures against pxed; packing a lab into one file.
-//! - [`labfile`], [`run`]: lab definitions and running them; [`demo`]: the built-in demo lab;
-//!   [`doctor`], [`cleanup`]: CLI helpers.
+//! - [`labfile`], [`run`]: lab definitions and running them; [`matrix`]: the firmware x NIC
+//!   matrix; [`demo`]: the built-in demo lab; [`doctor`], [`cleanup`]: CLI helpers.
 
+pub mod arm64;
 pub mod breakdown;
 pub mod bundle;
 pub mod cleanup;
@@ -26,6 +27,7 @@ pub mod impair;
 pub mod import;
 pub mod labfile;
 pub mod machine;
+pub mod matrix;
 pub mod netns;
 pub mod oracle;
 pub mod ovf;

@@ -18,6 +18,19 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// OVMF code (read-only pflash) and the template for each VM's variable store.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// OVMF with Secure Boot: code built with SMM, variables with Microsoft's keys enrolled
+/// (so Debian's shim, signed by Microsoft's UEFI CA, is trusted).
+pub const OVMF_SECBOOT_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
+pub const OVMF_SECBOOT_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// OVMF ia32 (`ovmf-ia32`): Debian ships only the SMM build; its variables enroll no keys,
+/// so Secure Boot is off.
+pub const OVMF_IA32_CODE: &str = "/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd";
+pub const OVMF_IA32_VARS: &str = "/usr/share/OVMF/OVMF32_VARS_4M.fd";
+/// AAVMF (`qemu-efi-aarch64`): EDK2 for QEMU's arm64 `virt` machine.
+pub const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+pub const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+/// The QEMU binary for arm64 machines (`qemu-system-arm`).
+pub const QEMU_AARCH64: &str = "qemu-system-aarch64";
 /// A console line longer than this is split: firmware sometimes prints without newlines.
 const MAX_CONSOLE_LINE: usize = 4096;
 /// How long QEMU gets to leave after a QMP quit before it is killed.
@@ -32,6 +45,69 @@ pub enum Firmware {
     Seabios,
     /// OVMF x64 (UEFI); EDK2's own network stack unless an EFI ROM is given.
     Ovmf,
+    /// OVMF x64 with Secure Boot enforced (q35 with SMM, Microsoft's keys enrolled).
+    #[serde(rename = "ovmf-secboot")]
+    OvmfSecboot,
+    /// OVMF ia32 (32-bit UEFI, client arch 6) on a 64-bit CPU.
+    #[serde(rename = "ovmf-ia32")]
+    OvmfIa32,
+    /// AAVMF: arm64 UEFI (client arch 11) on QEMU's `virt` machine.
+    Aavmf,
+}
+
+impl Firmware {
+    /// Whether it is UEFI (pflash code + per-VM variable store).
+    pub fn is_uefi(self) -> bool {
+        !matches!(self, Firmware::Seabios)
+    }
+
+    /// The name lab files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Seabios => "seabios",
+            Firmware::Ovmf => "ovmf",
+            Firmware::OvmfSecboot => "ovmf-secboot",
+            Firmware::OvmfIa32 => "ovmf-ia32",
+            Firmware::Aavmf => "aavmf",
+        }
+    }
+
+    /// The firmware's own files: (code, variable-store template); None for SeaBIOS, which
+    /// QEMU brings itself.
+    pub fn default_files(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Firmware::Seabios => None,
+            Firmware::Ovmf => Some((OVMF_CODE, OVMF_VARS)),
+            Firmware::OvmfSecboot => Some((OVMF_SECBOOT_CODE, OVMF_SECBOOT_VARS)),
+            Firmware::OvmfIa32 => Some((OVMF_IA32_CODE, OVMF_IA32_VARS)),
+            Firmware::Aavmf => Some((AAVMF_CODE, AAVMF_VARS)),
+        }
+    }
+
+    /// The QEMU binary that runs it.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Firmware::Aavmf => QEMU_AARCH64,
+            _ => QEMU,
+        }
+    }
+
+    /// Built with SMM-protected variables: needs q35 with SMM and SMM-only flash writes.
+    fn needs_smm(self) -> bool {
+        matches!(self, Firmware::OvmfSecboot | Firmware::OvmfIa32)
+    }
+}
+
+/// How a UEFI machine boots from its NIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBoot {
+    /// PXE first (the firmware's default order: PXEv4, PXEv6, HTTPv4, HTTPv6).
+    #[default]
+    Pxe,
+    /// UEFI HTTP Boot: OVMF's PXE is switched off (fw_cfg `opt/org.tianocore/IPv4PXESupport`
+    /// and `IPv6PXESupport`), so the NIC's first boot option is "UEFI HTTPv4".
+    Http,
 }
 
 /// The NIC's option ROM.
@@ -102,6 +178,15 @@ pub struct MachineSpec {
     pub memory_mib: u32,
     /// The NIC's MAC.
     pub mac: MacAddr,
+    /// User-supplied firmware: `-bios` for SeaBIOS, the pflash code for UEFI.
+    pub firmware_code: Option<PathBuf>,
+    /// User-supplied UEFI variable-store template (copied per VM).
+    pub firmware_vars: Option<PathBuf>,
+    /// PXE or UEFI HTTP Boot.
+    pub netboot: NetBoot,
+    /// Boot media attached and booted first (`pxed media` output): a `.iso` is a CD, any
+    /// other file a USB stick. The file is never written (QEMU snapshot/read-only).
+    pub media: Option<PathBuf>,
 }
 
 /// A line of serial console output.
@@ -125,7 +210,10 @@ pub fn qemu_command(
     let mut a: Vec<String> = Vec::new();
     let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
     push(&["-name", &spec.name, "-accel", accel.as_str()]);
-    if accel == Accel::Tcg {
+    if spec.firmware == Firmware::Aavmf {
+        // QEMU's arm64 board; a Cortex-A57 is cheaper to emulate than `max` (no pointer auth).
+        push(&["-machine", "virt", "-cpu", "cortex-a57"]);
+    } else if accel == Accel::Tcg {
         // Modern kernels need x86-64-v2; `max` offers everything TCG can emulate.
         push(&["-cpu", "max"]);
     }
@@ -158,21 +246,89 @@ pub fn qemu_command(
         }
     }
     push(&["-device", &nic]);
-    match spec.firmware {
-        Firmware::Seabios => push(&["-boot", "n"]),
-        Firmware::Ovmf => {
-            let vars = dir.join(format!("{}.OVMF_VARS.fd", spec.name));
-            std::fs::copy(OVMF_VARS, &vars)
-                .with_context(|| format!("copying {OVMF_VARS} (apt-get install ovmf)"))?;
+    if let Some(p) = &spec.firmware_code
+        && !p.exists()
+    {
+        bail!("firmware file {} does not exist", p.display());
+    }
+    if spec.netboot == NetBoot::Http && !spec.firmware.is_uefi() {
+        bail!("netboot = \"http\" needs UEFI firmware");
+    }
+    if let Some(media) = &spec.media {
+        if !media.exists() {
+            bail!("boot media {} does not exist", media.display());
+        }
+        let file = media.display().to_string();
+        if media
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("iso"))
+        {
             push(&[
                 "-drive",
-                &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+                &format!("if=none,id=media,format=raw,media=cdrom,readonly=on,file={file}"),
+                "-device",
+                "ide-cd,drive=media,bootindex=0",
+            ]);
+        } else {
+            push(&[
+                "-device",
+                "qemu-xhci,id=xhci",
+                "-drive",
+                &format!("if=none,id=media,format=raw,snapshot=on,file={file}"),
+                "-device",
+                "usb-storage,bus=xhci.0,drive=media,bootindex=0",
+            ]);
+        }
+    }
+    match spec.firmware.default_files() {
+        None => {
+            if let Some(code) = &spec.firmware_code {
+                push(&["-bios", &code.display().to_string()]);
+            }
+            if spec.media.is_none() {
+                push(&["-boot", "n"]);
+            }
+        }
+        Some((code, vars_template)) => {
+            let code = spec
+                .firmware_code
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(code));
+            let template = spec
+                .firmware_vars
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(vars_template));
+            let vars = dir.join(format!("{}.OVMF_VARS.fd", spec.name));
+            std::fs::copy(&template, &vars).with_context(|| {
+                format!("copying {} (apt-get install ovmf)", template.display())
+            })?;
+            if spec.firmware.needs_smm() {
+                // The Secure Boot build keeps its variables in SMM: q35 with SMM, and the
+                // flash writable only from SMM, or a guest could rewrite the keys.
+                push(&[
+                    "-machine",
+                    "q35,smm=on",
+                    "-global",
+                    "driver=cfi.pflash01,property=secure,value=on",
+                ]);
+            }
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,readonly=on,file={}", code.display()),
                 "-drive",
                 &format!("if=pflash,format=raw,file={}", vars.display()),
                 // OVMF's network stack needs EFI_RNG_PROTOCOL.
                 "-device",
                 "virtio-rng-pci",
             ]);
+            if spec.netboot == NetBoot::Http {
+                for knob in ["IPv4PXESupport", "IPv6PXESupport"] {
+                    push(&[
+                        "-fw_cfg",
+                        &format!("name=opt/org.tianocore/{knob},string=n"),
+                    ]);
+                }
+            }
         }
     }
     Ok(a)
@@ -204,15 +360,20 @@ impl Vm {
         let stderr = std::fs::File::create(dir.join(format!("{}.qemu-stderr.log", spec.name)))?;
         std::fs::write(
             dir.join(format!("{}.qemu-cmdline.txt", spec.name)),
-            shell_line(QEMU, args),
+            shell_line(spec.firmware.qemu(), args),
         )?;
-        let mut child = Command::new(QEMU)
+        let mut child = Command::new(spec.firmware.qemu())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("starting {QEMU} (apt-get install qemu-system-x86)"))?;
+            .with_context(|| {
+                format!(
+                    "starting {} (apt-get install qemu-system-x86 qemu-system-arm)",
+                    spec.firmware.qemu()
+                )
+            })?;
         let started = Instant::now();
         let started_at = SystemTime::now();
         let log = std::fs::File::create(dir.join(format!("{}.console.log", spec.name)))?;
@@ -516,6 +677,10 @@ mod tests {
             rom: Rom::None,
             memory_mib: 512,
             mac: "52:54:00:00:00:01".parse().unwrap(),
+            firmware_code: None,
+            firmware_vars: None,
+            netboot: NetBoot::Pxe,
+            media: None,
         };
         if !Path::new(OVMF_VARS).exists() {
             eprintln!("skipping: no OVMF");

@@ -67,6 +67,8 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Boot the firmware x NIC matrix through pxed and print machines x stages.
+    Matrix(MatrixArgs),
     /// Check QEMU, ROMs, firmware, KVM, namespace rights and disk space.
     Doctor,
     /// Remove namespaces and QEMU processes left by crashed runs.
@@ -118,9 +120,82 @@ fn run_and_report(lab: &pxelab::labfile::LabFile, run_dir: Option<PathBuf>) -> E
     }
 }
 
+#[derive(clap::Args)]
+struct MatrixArgs {
+    /// Entries (or name prefixes, e.g. `bios-`) to run; default: the standard set.
+    names: Vec<String>,
+    /// Every entry, including the slow ones.
+    #[arg(long)]
+    all: bool,
+    /// Only the representative subset `cargo test` runs.
+    #[arg(long)]
+    ci: bool,
+    /// Machines booted at once.
+    #[arg(long, default_value_t = 2)]
+    parallel: usize,
+    /// List the entries and exit.
+    #[arg(long)]
+    list: bool,
+    /// The pxed binary (default $PXELAB_PXED, else pxed on PATH).
+    #[arg(long)]
+    pxed: Option<PathBuf>,
+    /// Put artifacts here instead of under $PXELAB_RUNS.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
+fn matrix(args: MatrixArgs) -> ExitCode {
+    let opts = pxelab::matrix::MatrixOptions {
+        only: args.names,
+        all: args.all,
+        ci: args.ci,
+        parallel: args.parallel,
+        pxed: args.pxed,
+        run_dir: args.run_dir,
+        progress: true,
+    };
+    if args.list {
+        return match pxelab::matrix::select(&opts) {
+            Ok(list) => {
+                for e in list {
+                    println!(
+                        "{:<20} {:<13} {:<15} {:<9} {}",
+                        e.name,
+                        e.firmware.as_str(),
+                        e.nic,
+                        format!("{:?}", e.tier).to_lowercase(),
+                        e.about
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pxelab: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    match pxelab::matrix::run_matrix(&opts) {
+        Ok(report) => {
+            print!("{}", report.table());
+            println!("artifacts in {}", report.run_dir.display());
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("pxelab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Matrix(args) => matrix(args),
         Cmd::Run { lab, run_dir } => match pxelab::bundle::load_lab(&lab) {
             Ok(l) => run_and_report(&l, run_dir),
             Err(e) => {

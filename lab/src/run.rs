@@ -142,6 +142,16 @@ fn run_inner(
         switch.add_tap_port("uplink", tap, Box::new(PassThrough))?;
     }
 
+    // Files the lab adds to the boot server's root (a user's iPXE build, shim, GRUB, ...).
+    for (name, from) in &lab.server.files {
+        let to = run_dir.join("tftp").join(name);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(from, &to)
+            .with_context(|| format!("[server] files: copying {}", from.display()))?;
+    }
+
     let ctx = ServerContext {
         netns: &netns,
         interface: TAP_NAME,

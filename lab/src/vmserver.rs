@@ -112,6 +112,10 @@ pub fn server_qemu_args(
                 &format!("if=pflash,format=raw,file={}", vars.display()),
             ]);
         }
+        other => bail!(
+            "the server VM boots with seabios or ovmf, not {}",
+            other.as_str()
+        ),
     }
     Ok(a)
 }
@@ -146,6 +150,10 @@ impl VmServer {
             rom: Rom::None,
             memory_mib: spec.memory_mib,
             mac: spec.mac,
+            firmware_code: None,
+            firmware_vars: None,
+            netboot: Default::default(),
+            media: None,
         };
         let (tx, rx) = mpsc::channel::<ConsoleLine>();
         let mut vm = Vm::spawn(machine, usize::MAX, &args, run_dir, tx)?;

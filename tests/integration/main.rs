@@ -8,6 +8,7 @@ mod dhcp_full;
 mod dhcp_proxy;
 mod http;
 mod lab_boot;
+mod lab_matrix;
 mod lab_quirks;
 mod tftp;
 mod tftp_netboot;
