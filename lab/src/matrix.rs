@@ -992,6 +992,21 @@ within = "60s"
     }
 
     #[test]
+    fn example_labs_load() {
+        let labs = Path::new(env!("CARGO_MANIFEST_DIR")).join("labs");
+        let custom = LabFile::load(&labs.join("matrix-custom.toml")).unwrap();
+        assert!(custom.server.files.contains_key("mine/snponly.efi"));
+        assert!(
+            custom
+                .machines
+                .iter()
+                .any(|m| m.code.is_some() && m.vars.is_some())
+        );
+        let media = LabFile::load(&labs.join("matrix-media.toml")).unwrap();
+        assert!(media.machines.iter().all(|m| m.media.is_some()));
+    }
+
+    #[test]
     fn qemu_lines_for_user_firmware_http_boot_and_media() {
         use crate::machine::{Accel, MachineSpec, Rom, qemu_command};
         let dir = tempfile::tempdir().unwrap();
