@@ -381,6 +381,18 @@ impl Pool {
         self.release(mac, ip)
     }
 
+    /// A conflict probe found a host on `ip`: keep it out of the pool like a declined address
+    /// (RFC 2131 2.2: the server marks it unavailable) and drop the offer made with it.
+    pub fn quarantine(&mut self, mac: &MacAddr, ip: Ipv4Addr, now: u64) {
+        self.declined.insert(ip, now + DECLINE_QUARANTINE_SECS);
+        if self.offers.get(mac).is_some_and(|(o, _)| *o == ip) {
+            self.offers.remove(mac);
+        }
+        if self.offered_ips.get(&ip).is_some_and(|(m, _)| m == mac) {
+            self.offered_ips.remove(&ip);
+        }
+    }
+
     /// End leases whose time is up and forget lapsed offers and quarantines. Returns the
     /// leases that ended, for the store and the lease hook.
     pub fn expire(&mut self, now: u64) -> Vec<Lease> {

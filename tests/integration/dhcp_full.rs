@@ -614,3 +614,49 @@ fn every_ack_follows_the_sync_that_holds_its_lease_and_survives_sigkill() {
 fn find(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// The conflict probe: a host squats on the first pool address (configured by hand, answering
+/// pings). With `conflict_probe = "icmp"` pxed's ping finds it, quarantines the address and
+/// offers udhcpc another one; the probe costs at most its 300 ms bound.
+#[test]
+fn conflict_probe_skips_an_address_a_host_squats_on() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lan = Lan::new();
+    let srv = lan.host("psv", Some("10.239.0.1/24"));
+    let _squatter = lan.host("psq", Some("10.239.0.100/24"));
+    let cli = lan.host("pcl", None);
+    let cfg = config(dir.path(), 239, "conflict_probe = \"icmp\"");
+    let pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"));
+    let (script, events) = udhcpc_script(dir.path());
+    let out = lan.hosts[cli]
+        .command("udhcpc")
+        .args(["-f", "-q", "-n", "-i", "eth0", "-t", "5", "-T", "1", "-s"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    let bound = lines(&events)
+        .into_iter()
+        .find(|l| l.starts_with("bound"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no lease: {}\npxed:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                pxed.log_text()
+            )
+        });
+    assert!(
+        bound.contains("ip=10.239.0.101 "),
+        "offered the squatted address or another: {bound}\n{}",
+        pxed.log_text()
+    );
+    assert!(
+        pxed.log_text().contains("conflict probe"),
+        "{}",
+        pxed.log_text()
+    );
+    assert_eq!(
+        leases(dir.path()).get(&mac_of(&lan.hosts[cli])),
+        Some(&"10.239.0.101".to_string())
+    );
+}
