@@ -97,7 +97,8 @@ pub enum LeaseChange {
     Release(Lease),
     /// The client found the address in use (RFC 2131 4.3.3).
     Decline(Lease),
-    /// The lease ran out.
+    /// The lease ran out. The store keeps it as the client's remembered address (RFC 2131
+    /// 4.3.1) until another client's lease supersedes it.
     Expire(Lease),
 }
 
@@ -113,9 +114,13 @@ impl LeaseChange {
         }
     }
 
-    /// Whether the lease ends (the store deletes it) rather than being written.
+    /// Whether the lease ends (the store deletes it) rather than being written. An expired
+    /// lease is written: it is remembered for its client.
     pub fn ends(&self) -> bool {
-        !matches!(self, LeaseChange::Commit(_) | LeaseChange::Renew(_))
+        !matches!(
+            self,
+            LeaseChange::Commit(_) | LeaseChange::Renew(_) | LeaseChange::Expire(_)
+        )
     }
 
     /// The word the lease hook gets as its first argument.

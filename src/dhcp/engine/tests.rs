@@ -1053,3 +1053,21 @@ fn a_clients_own_lease_and_lost_results_are_not_probed_or_kept() {
         Outcome::default()
     );
 }
+
+#[test]
+fn an_expired_client_comes_back_to_its_address() {
+    let mut e = engine(DhcpMode::Full);
+    let c = Client::plain();
+    let ip = dora(&mut e, &c);
+    let ended = e.tick(NOW + 3601 * 1000);
+    assert!(matches!(&ended[..], [LeaseChange::Expire(l)] if l.ip == ip));
+    assert!(
+        ended.iter().all(|c| !c.ends()),
+        "the store keeps it as remembered"
+    );
+    let later = NOW + 3700 * 1000;
+    let mut other = Client::plain();
+    other.mac = [0x52, 0x54, 0, 0, 0, 9];
+    assert_ne!(decode(&at(&mut e, &other.packet(), later)).yiaddr, ip);
+    assert_eq!(decode(&at(&mut e, &c.packet(), later)).yiaddr, ip);
+}
