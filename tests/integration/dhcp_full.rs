@@ -629,12 +629,18 @@ fn conflict_probe_skips_an_address_a_host_squats_on() {
     let cfg = config(dir.path(), 239, "conflict_probe = \"icmp\"");
     let pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"));
     let (script, events) = udhcpc_script(dir.path());
+    let started = std::time::Instant::now();
     let out = lan.hosts[cli]
         .command("udhcpc")
         .args(["-f", "-q", "-n", "-i", "eth0", "-t", "5", "-T", "1", "-s"])
         .arg(&script)
         .output()
         .unwrap();
+    // Two probes: the squatter answers at once, the free address costs the whole bound.
+    eprintln!(
+        "udhcpc bound after {:?} with the probe on",
+        started.elapsed()
+    );
     let bound = lines(&events)
         .into_iter()
         .find(|l| l.starts_with("bound"))
