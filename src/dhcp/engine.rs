@@ -2,6 +2,7 @@
 //! where they came from and the time; the output is the reply with its destination, the boot
 //! events, and in full mode the lease to make durable *before* the reply is sent.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use super::pool::{ClientKey, Lease, Pool};
 use super::pxe_options::{PxeVendorOptions, client_facts, no_pxedhcp};
 use super::reply_table::{ClientClass, ReplyShape, reply_shape};
 use super::wire::{DhcpPacket, MessageType, Op};
-use super::{BootFileFields, DhcpConfig, DhcpMode};
+use super::{BootFileFields, ConflictProbe, DhcpConfig, DhcpMode};
 use crate::events::BootEvent;
 use crate::mac::MacAddr;
 use crate::policy::{self, ClientFacts, DhcpBoot, Policy, ServerAddrs};
@@ -23,6 +24,13 @@ pub const CLIENT_PORT: u16 = 68;
 pub const PXE_PORT: u16 = 4011;
 /// The longest boot file name the BOOTP `file` field holds with its NUL (RFC 951).
 const FILE_FIELD_MAX: usize = 127;
+/// How long an address that passed the conflict probe is offered again without a new probe, in
+/// seconds: a client that retries a DISCOVER is not delayed twice, and a host that appears
+/// later is still found on a later offer.
+pub const PROBE_MEMORY_SECS: u64 = 60;
+/// How long a held OFFER waits for its probe result before it is forgotten, in milliseconds.
+/// The driver bounds each probe far below this; it only cleans up after a lost result.
+const PROBE_PENDING_MAX_MS: u64 = 5_000;
 
 /// Which socket a packet arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +97,8 @@ pub enum LeaseChange {
     Release(Lease),
     /// The client found the address in use (RFC 2131 4.3.3).
     Decline(Lease),
-    /// The lease ran out.
+    /// The lease ran out. The store keeps it as the client's remembered address (RFC 2131
+    /// 4.3.1) until another client's lease supersedes it.
     Expire(Lease),
 }
 
@@ -105,9 +114,13 @@ impl LeaseChange {
         }
     }
 
-    /// Whether the lease ends (the store deletes it) rather than being written.
+    /// Whether the lease ends (the store deletes it) rather than being written. An expired
+    /// lease is written: it is remembered for its client.
     pub fn ends(&self) -> bool {
-        !matches!(self, LeaseChange::Commit(_) | LeaseChange::Renew(_))
+        !matches!(
+            self,
+            LeaseChange::Commit(_) | LeaseChange::Renew(_) | LeaseChange::Expire(_)
+        )
     }
 
     /// The word the lease hook gets as its first argument.
@@ -131,6 +144,22 @@ pub struct Outcome {
     pub events: Vec<BootEvent>,
     /// A lease change to persist first.
     pub lease: Option<LeaseChange>,
+    /// Conflict probe: check that no host uses this address, then call
+    /// [`DhcpEngine::probe_result`]; the OFFER is held until then.
+    pub probe: Option<Ipv4Addr>,
+}
+
+/// An OFFER held while its address is probed, with what is needed to decide again.
+#[derive(Debug)]
+struct PendingProbe {
+    mac: MacAddr,
+    payload: Vec<u8>,
+    src: SocketAddrV4,
+    port: Port,
+    server_ip: Ipv4Addr,
+    since_ms: u64,
+    reply: Reply,
+    events: Vec<BootEvent>,
 }
 
 /// The DHCP decision maker for one server.
@@ -140,6 +169,10 @@ pub struct DhcpEngine {
     policy: Arc<Policy>,
     http_port: u16,
     pool: Pool,
+    /// OFFERs waiting for their conflict probe, by address.
+    probing: HashMap<Ipv4Addr, PendingProbe>,
+    /// Addresses a probe found free, until when (seconds).
+    probed_free: HashMap<Ipv4Addr, u64>,
 }
 
 struct Ctx<'a> {
@@ -183,6 +216,8 @@ impl DhcpEngine {
             policy,
             http_port,
             pool,
+            probing: HashMap::new(),
+            probed_free: HashMap::new(),
         }
     }
 
@@ -209,6 +244,9 @@ impl DhcpEngine {
 
     /// End leases whose time is up; the driver makes the removals durable and runs the hook.
     pub fn tick(&mut self, now_ms: u64) -> Vec<LeaseChange> {
+        self.probing
+            .retain(|_, p| now_ms.saturating_sub(p.since_ms) < PROBE_PENDING_MAX_MS);
+        self.probed_free.retain(|_, until| *until > now_ms / 1000);
         self.pool
             .expire(now_ms / 1000)
             .into_iter()
@@ -376,6 +414,9 @@ impl DhcpEngine {
                     format!("{ip} {}", boot_detail(&reply)),
                 );
                 let dest = client_destination(&ctx.req, ip);
+                if self.needs_probe(&who, ip, now) {
+                    return self.hold_for_probe(ctx, reply, dest, ip);
+                }
                 self.finish(ctx, reply, dest, None)
             }
             MessageType::Request => self.full_request(ctx, link, &who, now),
@@ -398,7 +439,7 @@ impl DhcpEngine {
                 Outcome {
                     events: ctx.events,
                     lease: removed.map(LeaseChange::Decline),
-                    reply: None,
+                    ..Default::default()
                 }
             }
             MessageType::Release => {
@@ -408,7 +449,7 @@ impl DhcpEngine {
                 Outcome {
                     events: ctx.events,
                     lease: removed.map(LeaseChange::Release),
-                    reply: None,
+                    ..Default::default()
                 }
             }
             MessageType::Inform => {
@@ -501,6 +542,96 @@ impl DhcpEngine {
                 self.finish(ctx, nak, dest, None)
             }
         }
+    }
+
+    /// RFC 2131 4.3.1: "the server SHOULD probe the reused address before allocating". Only
+    /// addresses new to this client are probed (not its live lease, not its reservation), and
+    /// not again within `PROBE_MEMORY_SECS` of a probe that found it free.
+    fn needs_probe(&self, who: &ClientKey<'_>, ip: Ipv4Addr, now: u64) -> bool {
+        self.config.conflict_probe != ConflictProbe::Off
+            && !self
+                .pool
+                .lease(&who.mac)
+                .is_some_and(|l| l.ip == ip && l.expires > now)
+            && self.pool.reservation(who).is_none_or(|(r, _)| r != ip)
+            && self.probed_free.get(&ip).is_none_or(|until| *until <= now)
+    }
+
+    /// Keep the OFFER until the probe of `ip` answers. The address stays held for this client
+    /// (the pool's offer hold), so other clients get other addresses meanwhile: nobody waits.
+    fn hold_for_probe(
+        &mut self,
+        mut ctx: Ctx<'_>,
+        packet: DhcpPacket,
+        dest: Destination,
+        ip: Ipv4Addr,
+    ) -> Outcome {
+        // The DhcpOffer event goes out with the OFFER.
+        let offer_event = ctx.events.pop();
+        let payload = packet.encode(ctx.req.options.parameter_request_list());
+        let reply = Reply {
+            dest,
+            packet,
+            payload,
+        };
+        // A retransmitted DISCOVER during the probe: answer it (newest xid) when the one
+        // probe in flight returns; no second probe.
+        let already = self.probing.contains_key(&ip);
+        self.probing.insert(
+            ip,
+            PendingProbe {
+                mac: ctx.mac,
+                payload: ctx.rx.payload.to_vec(),
+                src: ctx.rx.src,
+                port: ctx.rx.port,
+                server_ip: ctx.rx.server_ip,
+                since_ms: ctx.rx.now_ms,
+                reply,
+                events: offer_event.into_iter().collect(),
+            },
+        );
+        Outcome {
+            events: ctx.events,
+            probe: (!already).then_some(ip),
+            ..Default::default()
+        }
+    }
+
+    /// The result of the conflict probe asked for by [`Outcome::probe`]. Free: the held OFFER.
+    /// In use: the address is quarantined like a declined one and the DISCOVER is decided
+    /// again (which may ask for another probe).
+    pub fn probe_result(&mut self, ip: Ipv4Addr, in_use: bool, now_ms: u64) -> Outcome {
+        let Some(pending) = self.probing.remove(&ip) else {
+            return Outcome::default();
+        };
+        if !in_use {
+            self.probed_free
+                .insert(ip, now_ms / 1000 + PROBE_MEMORY_SECS);
+            return Outcome {
+                reply: Some(pending.reply),
+                events: pending.events,
+                ..Default::default()
+            };
+        }
+        tracing::warn!(%ip, mac = %pending.mac, "conflict probe: a host answers on this address; quarantined");
+        self.pool.quarantine(&pending.mac, ip, now_ms / 1000);
+        let mut outcome = self.handle(&Received {
+            payload: &pending.payload,
+            src: pending.src,
+            port: pending.port,
+            server_ip: pending.server_ip,
+            now_ms,
+        });
+        outcome.events.insert(
+            0,
+            BootEvent {
+                mac: pending.mac,
+                stage: BootStage::DhcpDecline,
+                detail: format!("{ip} answered the conflict probe; quarantined"),
+                at_ms: now_ms,
+            },
+        );
+        outcome
     }
 
     /// An OFFER/ACK with address options (full mode), plus boot data for PXE clients.
@@ -654,6 +785,7 @@ impl DhcpEngine {
             }),
             events: ctx.events,
             lease,
+            probe: None,
         }
     }
 }

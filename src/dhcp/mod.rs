@@ -14,6 +14,7 @@ use crate::mac::MacAddr;
 
 pub mod engine;
 pub mod pool;
+pub mod probe;
 pub mod reply_table;
 pub mod server;
 
@@ -69,6 +70,21 @@ pub struct DhcpConfig {
     /// digits of option 60 (ipxe #1527, firmware that omits 93). Default on; off reproduces a
     /// server that reads only option 93 and treats the client as BIOS.
     pub arch_from_vendor_class: bool,
+    /// Full mode: before offering an address no client held, check that no host answers on
+    /// it (RFC 2131 2.2, 4.3.1). `off` (default) or `icmp` (one echo request, bounded wait).
+    pub conflict_probe: ConflictProbe,
+}
+
+/// `[dhcp] conflict_probe`: how to check an address is unused before offering it.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictProbe {
+    /// Offer at once (the default: a probe delays every new client's OFFER).
+    #[default]
+    Off,
+    /// One ICMP echo request; a reply within `probe::PROBE_TIMEOUT` means the address is in
+    /// use. Hosts that drop pings are not found (their own DECLINE still quarantines).
+    Icmp,
 }
 
 /// Where a PXE reply carries the boot file (firmware-quirks.md Q1).
@@ -100,6 +116,7 @@ impl Default for DhcpConfig {
             discovery_control: true,
             boot_file: BootFileFields::Auto,
             arch_from_vendor_class: true,
+            conflict_probe: ConflictProbe::Off,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Address pools and leases for full mode: which address a client gets. Pure bookkeeping with
 //! time passed in; persisting leases is the lease store's job.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -96,6 +96,10 @@ pub struct Pool {
     offers: HashMap<MacAddr, (Ipv4Addr, u64)>,
     offered_ips: HashMap<Ipv4Addr, (MacAddr, u64)>,
     declined: HashMap<Ipv4Addr, u64>,
+    /// Clients whose lease ran out and was reported: the lease stays as "free but remembered"
+    /// (RFC 2131 4.3.1 prefers the client's previous address) until another client takes
+    /// the address. At most one per address, so bounded by the pools.
+    lapsed: HashSet<MacAddr>,
     /// Per subnet: where the search for a free address resumes, so that allocation costs
     /// O(1) amortised instead of a scan from the start of the pool for every client.
     cursors: Vec<u32>,
@@ -268,14 +272,21 @@ impl Pool {
             .copied()
             .unwrap_or(start)
             .clamp(start, end);
-        let found = (cursor..=end)
-            .chain(start..cursor)
-            .map(Ipv4Addr::from)
-            .find(|ip| self.free(who, *ip, now))?;
+        // First an address nobody remembers; only when there is none, one whose lease ran
+        // out (the oldest-held is as good as any: its client has been gone longest or not).
+        let order = || (cursor..=end).chain(start..cursor).map(Ipv4Addr::from);
+        let found = order()
+            .find(|ip| self.free(who, *ip, now) && !self.remembered_for_other(&who.mac, *ip))
+            .or_else(|| order().find(|ip| self.free(who, *ip, now)))?;
         if let Some(c) = self.cursors.get_mut(index) {
             *c = u32::from(found).saturating_add(1);
         }
         Some(found)
+    }
+
+    /// Whether `ip` is another client's expired, remembered lease.
+    fn remembered_for_other(&self, mac: &MacAddr, ip: Ipv4Addr) -> bool {
+        self.by_ip.get(&ip).is_some_and(|owner| owner != mac)
     }
 
     fn hold(&mut self, mac: MacAddr, ip: Ipv4Addr, now: u64) {
@@ -355,7 +366,9 @@ impl Pool {
             && previous != lease.mac
         {
             self.leases.remove(&previous);
+            self.lapsed.remove(&previous);
         }
+        self.lapsed.remove(&lease.mac);
         if let Some((ip, _)) = self.offers.remove(&lease.mac) {
             self.offered_ips.remove(&ip);
         }
@@ -367,6 +380,7 @@ impl Pool {
     pub fn release(&mut self, mac: &MacAddr, ip: Ipv4Addr) -> Option<Lease> {
         if self.leases.get(mac).is_some_and(|l| l.ip == ip) {
             self.by_ip.remove(&ip);
+            self.lapsed.remove(mac);
             return self.leases.remove(mac);
         }
         None
@@ -381,24 +395,30 @@ impl Pool {
         self.release(mac, ip)
     }
 
-    /// End leases whose time is up and forget lapsed offers and quarantines. Returns the
-    /// leases that ended, for the store and the lease hook.
+    /// A conflict probe found a host on `ip`: keep it out of the pool like a declined address
+    /// (RFC 2131 2.2: the server marks it unavailable) and drop the offer made with it.
+    pub fn quarantine(&mut self, mac: &MacAddr, ip: Ipv4Addr, now: u64) {
+        self.declined.insert(ip, now + DECLINE_QUARANTINE_SECS);
+        if self.offers.get(mac).is_some_and(|(o, _)| *o == ip) {
+            self.offers.remove(mac);
+        }
+        if self.offered_ips.get(&ip).is_some_and(|(m, _)| m == mac) {
+            self.offered_ips.remove(&ip);
+        }
+    }
+
+    /// Report leases whose time is up (once each) and forget lapsed offers and quarantines.
+    /// An ended lease stays as the client's remembered address: free for anyone, but offered
+    /// to others only when no unremembered address is left. Returns the leases that ended,
+    /// for the store and the lease hook.
     pub fn expire(&mut self, now: u64) -> Vec<Lease> {
-        let ended: Vec<MacAddr> = self
+        let out: Vec<Lease> = self
             .leases
             .values()
-            .filter(|l| l.expires <= now)
-            .map(|l| l.mac)
+            .filter(|l| l.expires <= now && !self.lapsed.contains(&l.mac))
+            .cloned()
             .collect();
-        let mut out = Vec::with_capacity(ended.len());
-        for mac in ended {
-            if let Some(lease) = self.leases.remove(&mac) {
-                if self.by_ip.get(&lease.ip) == Some(&mac) {
-                    self.by_ip.remove(&lease.ip);
-                }
-                out.push(lease);
-            }
-        }
+        self.lapsed.extend(out.iter().map(|l| l.mac));
         self.offers.retain(|_, (_, until)| *until > now);
         self.offered_ips.retain(|_, (_, until)| *until > now);
         self.declined.retain(|_, until| *until > now);
@@ -483,6 +503,40 @@ mod tests {
             p.check(&key(2), LINK, Ipv4Addr::new(192, 168, 1, 5), 2),
             Err(NakReason::WrongNetwork(_))
         ));
+    }
+
+    #[test]
+    fn an_expired_lease_is_remembered_until_another_client_needs_it() {
+        let mut p = Pool::new(vec![subnet()], []);
+        let a = p.offer(&key(1), LINK, None, 0).unwrap();
+        p.apply(p.prepare(&key(1), LINK, a, None, 0).unwrap());
+        let ended = p.expire(601);
+        assert_eq!(ended.iter().map(|l| l.ip).collect::<Vec<_>>(), [a]);
+        assert!(p.expire(602).is_empty(), "reported once");
+        // Others get the addresses nobody remembers first.
+        let b = p.offer(&key(2), LINK, None, 700).unwrap();
+        let c = p.offer(&key(3), LINK, None, 700).unwrap();
+        assert!(b != a && c != a);
+        // The client coming back later gets its previous address.
+        assert_eq!(p.offer(&key(1), LINK, None, 700), Some(a));
+        // Once the pool has nothing else, another client takes it over...
+        let mut q = Pool::new(vec![subnet()], []);
+        let a = q.offer(&key(1), LINK, None, 0).unwrap();
+        q.apply(q.prepare(&key(1), LINK, a, None, 0).unwrap());
+        q.expire(601);
+        for n in 2..=3 {
+            let ip = q.offer(&key(n), LINK, None, 700).unwrap();
+            q.apply(q.prepare(&key(n), LINK, ip, None, 700).unwrap());
+        }
+        let d = q.offer(&key(4), LINK, None, 700).unwrap();
+        assert_eq!(
+            d, a,
+            "the remembered address is used when nothing else is free"
+        );
+        q.apply(q.prepare(&key(4), LINK, d, None, 700).unwrap());
+        // ...and the first client is forgotten: it gets nothing (the pool is full).
+        assert!(q.lease(&mac(1)).is_none());
+        assert_eq!(q.offer(&key(1), LINK, None, 700), None);
     }
 
     #[test]

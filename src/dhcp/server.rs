@@ -8,17 +8,20 @@
 //! replies that carry none (OFFER, NAK, INFORM, 4011) go out at once.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::engine::{
     CLIENT_PORT, Destination, DhcpEngine, LeaseChange, Outcome, PXE_PORT, Port, Received,
     SERVER_PORT,
 };
+use super::probe::{MAX_PROBES_IN_FLIGHT, PROBE_TIMEOUT, icmp_in_use};
 use super::wire::{DhcpPacket, MessageType};
 use crate::events::{BootEvent, EventBus};
 use crate::leases::hook::LeaseHook;
@@ -76,6 +79,12 @@ struct Batch {
 
 type Commit = JoinHandle<(Result<(), StoreError>, Batch)>;
 
+/// Conflict probes run off the packet loop; their results come back on `results`.
+struct Probes {
+    results: mpsc::UnboundedSender<(Ipv4Addr, bool)>,
+    in_flight: Arc<AtomicUsize>,
+}
+
 impl DhcpServer {
     /// Bind the sockets (so that errors show at start) and return the running future.
     pub fn bind(self) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
@@ -106,17 +115,22 @@ impl DhcpServer {
         let mut inflight: Option<Commit> = None;
         let mut tick = tokio::time::interval(EXPIRY_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (results, mut probe_rx) = mpsc::unbounded_channel();
+        let probes = Probes {
+            results,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        };
         loop {
             let room = next.changes.len() < self.max_batch;
             tokio::select! {
                 r = main.recv_from(&mut buf_main), if room => {
                     let (len, src) = r.context("receiving on port 67")?;
-                    self.receive(&main, &pxe, Port::Dhcp, buf_main.get(..len), src, &mut next).await?;
+                    self.receive(&main, &pxe, Port::Dhcp, buf_main.get(..len), src, &mut next, &probes).await?;
                     // Take what else is queued now, so that it shares the next sync.
                     while next.changes.len() < self.max_batch {
                         match main.try_recv_from(&mut buf_main) {
                             Ok((len, src)) => {
-                                self.receive(&main, &pxe, Port::Dhcp, buf_main.get(..len), src, &mut next).await?;
+                                self.receive(&main, &pxe, Port::Dhcp, buf_main.get(..len), src, &mut next, &probes).await?;
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                             Err(e) => return Err(e).context("receiving on port 67"),
@@ -130,7 +144,7 @@ impl DhcpServer {
                     }
                 }, if room => {
                     let (len, src) = r.context("receiving on port 4011")?;
-                    self.receive(&main, &pxe, Port::BootServer, buf_pxe.get(..len), src, &mut next).await?;
+                    self.receive(&main, &pxe, Port::BootServer, buf_pxe.get(..len), src, &mut next, &probes).await?;
                 }
                 done = async {
                     match inflight.as_mut() {
@@ -147,6 +161,13 @@ impl DhcpServer {
                         }
                         Err(err) => anyhow::bail!("lease commit task failed: {err}"),
                     }
+                }
+                Some((ip, in_use)) = probe_rx.recv() => {
+                    let outcome = match self.engine.lock() {
+                        Ok(mut engine) => engine.probe_result(ip, in_use, now_ms()),
+                        Err(_) => anyhow::bail!("DHCP engine lock poisoned"),
+                    };
+                    self.dispatch(&main, &pxe, Port::Dhcp, outcome, &mut next, &probes).await;
                 }
                 _ = tick.tick() => {
                     let expired = match self.engine.lock() {
@@ -169,6 +190,8 @@ impl DhcpServer {
 
     /// Run one packet through the engine; send a reply that needs no lease now, hold one that
     /// does in the next batch.
+    // The loop's state, borrowed piecewise: a struct for it would only rename the arguments.
+    #[allow(clippy::too_many_arguments)]
     async fn receive(
         &self,
         main: &UdpSocket,
@@ -177,6 +200,7 @@ impl DhcpServer {
         payload: Option<&[u8]>,
         src: SocketAddr,
         next: &mut Batch,
+        probes: &Probes,
     ) -> anyhow::Result<()> {
         let (Some(payload), SocketAddr::V4(src)) = (payload, src) else {
             return Ok(());
@@ -195,6 +219,24 @@ impl DhcpServer {
             Ok(mut engine) => engine.handle(&rx),
             Err(_) => anyhow::bail!("DHCP engine lock poisoned"),
         };
+        self.dispatch(main, pxe, port, outcome, next, probes).await;
+        Ok(())
+    }
+
+    /// Act on one outcome: start its conflict probe, send a reply that needs no lease now,
+    /// hold one that does in the next batch.
+    async fn dispatch(
+        &self,
+        main: &UdpSocket,
+        pxe: &Option<UdpSocket>,
+        port: Port,
+        outcome: Outcome,
+        next: &mut Batch,
+        probes: &Probes,
+    ) {
+        if let Some(ip) = outcome.probe {
+            self.start_probe(ip, probes);
+        }
         match outcome.lease {
             Some(change) => {
                 next.changes.push(change);
@@ -213,7 +255,31 @@ impl DhcpServer {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Probe `ip` on a blocking thread, bounded by `PROBE_TIMEOUT`, and report on the channel.
+    /// Too many probes at once, or no ICMP socket: report it free at once (offer unprobed).
+    fn start_probe(&self, ip: Ipv4Addr, probes: &Probes) {
+        let results = probes.results.clone();
+        if probes.in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_PROBES_IN_FLIGHT {
+            probes.in_flight.fetch_sub(1, Ordering::SeqCst);
+            tracing::debug!(%ip, "conflict probe skipped: too many in flight");
+            let _ = results.send((ip, false));
+            return;
+        }
+        let in_flight = probes.in_flight.clone();
+        let interface = self.interface.clone();
+        tokio::task::spawn_blocking(move || {
+            let in_use = match icmp_in_use(ip, interface.as_deref(), PROBE_TIMEOUT) {
+                Ok(v) => v,
+                Err(err) => {
+                    tracing::warn!(%ip, %err, "conflict probe failed; offering unprobed");
+                    false
+                }
+            };
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = results.send((ip, in_use));
+        });
     }
 
     /// The batch is durable: send its replies, publish its events, run the hook.

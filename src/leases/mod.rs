@@ -337,6 +337,27 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_lease_is_kept_until_another_machine_takes_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEASE_DB);
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.commit(&[LeaseChange::Commit(lease(1))]).unwrap();
+            s.commit(&[LeaseChange::Expire(lease(1))]).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.load().unwrap(),
+            vec![lease(1)],
+            "remembered across restart"
+        );
+        let mut taker = lease(2);
+        taker.ip = lease(1).ip;
+        s.commit(&[LeaseChange::Commit(taker.clone())]).unwrap();
+        assert_eq!(s.load().unwrap(), vec![taker]);
+    }
+
+    #[test]
     fn damaged_file_refuses_with_a_way_to_recover() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(LEASE_DB);

@@ -614,3 +614,256 @@ fn every_ack_follows_the_sync_that_holds_its_lease_and_survives_sigkill() {
 fn find(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// The conflict probe: a host squats on the first pool address (configured by hand, answering
+/// pings). With `conflict_probe = "icmp"` pxed's ping finds it, quarantines the address and
+/// offers udhcpc another one; the probe costs at most its 300 ms bound.
+#[test]
+fn conflict_probe_skips_an_address_a_host_squats_on() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lan = Lan::new();
+    let srv = lan.host("psv", Some("10.239.0.1/24"));
+    let _squatter = lan.host("psq", Some("10.239.0.100/24"));
+    let cli = lan.host("pcl", None);
+    let cfg = config(dir.path(), 239, "conflict_probe = \"icmp\"");
+    let pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"));
+    let (script, events) = udhcpc_script(dir.path());
+    let started = std::time::Instant::now();
+    let out = lan.hosts[cli]
+        .command("udhcpc")
+        .args(["-f", "-q", "-n", "-i", "eth0", "-t", "5", "-T", "1", "-s"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    // Two probes: the squatter answers at once, the free address costs the whole bound.
+    eprintln!(
+        "udhcpc bound after {:?} with the probe on",
+        started.elapsed()
+    );
+    let bound = lines(&events)
+        .into_iter()
+        .find(|l| l.starts_with("bound"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no lease: {}\npxed:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                pxed.log_text()
+            )
+        });
+    assert!(
+        bound.contains("ip=10.239.0.101 "),
+        "offered the squatted address or another: {bound}\n{}",
+        pxed.log_text()
+    );
+    assert!(
+        pxed.log_text().contains("conflict probe"),
+        "{}",
+        pxed.log_text()
+    );
+    assert_eq!(
+        leases(dir.path()).get(&mac_of(&lan.hosts[cli])),
+        Some(&"10.239.0.101".to_string())
+    );
+}
+
+/// The `bound`/`renew` lines udhcpc's script logged, and the address of the first.
+fn event_lines(events: &Path, kind: &str) -> Vec<String> {
+    lines(events)
+        .into_iter()
+        .filter(|l| l.starts_with(kind))
+        .collect()
+}
+
+/// SIGHUP: a changed option is served on the next renew with the same address (the lease is
+/// kept); a broken config is reported and the running one keeps serving.
+#[test]
+fn sighup_reloads_options_keeps_leases_and_survives_a_broken_config() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lan = Lan::new();
+    let srv = lan.host("hsv", Some("10.240.0.1/24"));
+    let cli = lan.host("hcl", None);
+    let cfg = config(dir.path(), 240, "");
+    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"));
+    let (script, events) = udhcpc_script(dir.path());
+    let mut cmd = lan.hosts[cli].command("udhcpc");
+    cmd.args(["-f", "-i", "eth0", "-t", "10", "-T", "1", "-s"])
+        .arg(&script);
+    let udhcpc = Daemon::spawn(cmd, &dir.path().join("udhcpc.log"));
+    let bound = wait_for("udhcpc bound", Duration::from_secs(15), || {
+        event_lines(&events, "bound").into_iter().next()
+    });
+    assert!(bound.contains("dns=10.240.0.53 "), "{bound}");
+    let ip = bound
+        .split_whitespace()
+        .find(|w| w.starts_with("ip="))
+        .unwrap()
+        .to_string();
+
+    // A new DNS server in the config, then SIGHUP.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("10.240.0.53", "10.240.0.54")).unwrap();
+    signal(&pxed, "-HUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        pxed.log_text()
+            .contains("DHCP config reloaded")
+            .then_some(())
+    });
+    signal(&udhcpc, "-USR1");
+    let renew = wait_for("renew after reload", Duration::from_secs(10), || {
+        event_lines(&events, "renew").into_iter().next()
+    });
+    assert!(
+        renew.contains(&format!("{ip} ")) && renew.contains("dns=10.240.0.54 "),
+        "renew keeps {ip} and serves the new DNS: {renew}\n{}",
+        pxed.log_text()
+    );
+
+    // A broken config: reported, and the running one (with .54) keeps serving the lease.
+    std::fs::write(&cfg, "[dhcp\nmode = ").unwrap();
+    signal(&pxed, "-HUP");
+    wait_for("the refusal", Duration::from_secs(10), || {
+        pxed.log_text()
+            .contains("config not reloaded")
+            .then_some(())
+    });
+    signal(&udhcpc, "-USR1");
+    let renew = wait_for(
+        "renew after a broken reload",
+        Duration::from_secs(10),
+        || event_lines(&events, "renew").into_iter().nth(1),
+    );
+    assert!(
+        renew.contains(&format!("{ip} ")) && renew.contains("dns=10.240.0.54 "),
+        "{renew}\n{}",
+        pxed.log_text()
+    );
+    pxed.assert_running();
+}
+
+/// `pxed import` from dnsmasq and ISC dhcpd: their lease files go into the store, their
+/// static hosts become reservations in the config, and udhcpc clients with those MACs get
+/// exactly those addresses from `pxed serve`.
+#[test]
+fn imported_leases_and_static_hosts_are_served() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let in_an_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    // dnsmasq: a lease file (one live, one expired, one IPv6 line) and dhcp-host lines.
+    std::fs::write(
+        d.join("dnsmasq.leases"),
+        format!(
+            "{in_an_hour} 02:00:00:f1:00:01 10.241.0.150 alpha 01:02:00:00:f1:00:01\n\
+             1000 02:00:00:f1:00:09 10.241.0.151 old *\n\
+             duid 00:01:00:01:2c:5f:00:00:52:54:00:00:00:01\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dnsmasq.conf"),
+        "interface=eth0\ndhcp-range=10.241.0.100,10.241.0.199,12h\n\
+         dhcp-host=02:00:00:f1:00:02,10.241.0.20,beta,infinite\n",
+    )
+    .unwrap();
+    // ISC dhcpd: a lease file with an older and a newer block for one address, and hosts.
+    std::fs::write(
+        d.join("dhcpd.leases"),
+        "# The format of this file is documented in the dhcpd.leases(5) manual page.\n\
+         lease 10.241.0.160 {\n  starts 3 2026/11/25 10:00:00;\n  ends 3 2026/11/25 10:10:00;\n\
+         \x20 binding state free;\n  hardware ethernet 02:00:00:f1:00:03;\n}\n\
+         lease 10.241.0.160 {\n  starts 3 2026/11/25 10:00:00;\n  ends 2 2099/01/01 00:00:00;\n\
+         \x20 cltt 3 2026/11/25 10:00:00;\n  binding state active;\n  next binding state free;\n\
+         \x20 hardware ethernet 02:00:00:f1:00:03;\n  uid \"\\001\\002\\000\\000\\361\\000\\003\";\n\
+         \x20 client-hostname \"gamma\";\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dhcpd.conf"),
+        "subnet 10.241.0.0 netmask 255.255.255.0 {\n  range 10.241.0.100 10.241.0.199;\n}\n\
+         host delta {\n  hardware ethernet 02:00:00:f1:00:04;\n  fixed-address 10.241.0.30;\n}\n",
+    )
+    .unwrap();
+    let state = d.join("state");
+    let import = |from: &str, leases: &str, hosts: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pxed"))
+            .args(["import", "--from", from, "--leases"])
+            .arg(d.join(leases))
+            .arg("--hosts")
+            .arg(d.join(hosts))
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut reservations = import("dnsmasq", "dnsmasq.leases", "dnsmasq.conf");
+    reservations.push_str(&import("dhcpd", "dhcpd.leases", "dhcpd.conf"));
+    let stored = leases(d);
+    assert_eq!(
+        stored.get("02:00:00:f1:00:01").map(String::as_str),
+        Some("10.241.0.150")
+    );
+    assert_eq!(
+        stored.get("02:00:00:f1:00:03").map(String::as_str),
+        Some("10.241.0.160")
+    );
+    assert!(
+        !stored.contains_key("02:00:00:f1:00:09"),
+        "expired lease imported"
+    );
+
+    let cfg = config(d, 241, "");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    let at = text.find("[tftp]").unwrap();
+    text.insert_str(at, &format!("{reservations}\n"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut lan = Lan::new();
+    let srv = lan.host("isv", Some("10.241.0.1/24"));
+    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &d.join("pxed.log"));
+    for (n, want) in [
+        (1, "10.241.0.150"),
+        (2, "10.241.0.20"),
+        (3, "10.241.0.160"),
+        (4, "10.241.0.30"),
+    ] {
+        let cli = lan.host("icl", None);
+        let ns = &lan.hosts[cli];
+        ns.ip(&[
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &format!("02:00:00:f1:00:0{n}"),
+        ]);
+        let sub = d.join(format!("c{n}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let (script, events) = udhcpc_script(&sub);
+        let out = ns
+            .command("udhcpc")
+            .args(["-f", "-q", "-n", "-i", "eth0", "-t", "5", "-T", "1", "-s"])
+            .arg(&script)
+            .output()
+            .unwrap();
+        let bound = event_lines(&events, "bound").into_iter().next();
+        assert!(
+            bound
+                .as_ref()
+                .is_some_and(|b| b.contains(&format!("ip={want} "))),
+            "client {n} wanted {want}, got {bound:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            pxed.log_text()
+        );
+    }
+    pxed.assert_running();
+}

@@ -2,7 +2,7 @@
 //! are replayed in `fixture_tests`.
 
 use super::*;
-use crate::dhcp::SubnetConfig;
+use crate::dhcp::{ConflictProbe, SubnetConfig};
 use crate::policy::PolicyConfig;
 use std::time::Duration;
 
@@ -949,4 +949,125 @@ mod repeated_and_partial_clients {
         assert_eq!(p.yiaddr, Ipv4Addr::UNSPECIFIED);
         assert_eq!(p.file, b"snponly.efi");
     }
+}
+
+fn probing_engine() -> DhcpEngine {
+    engine_with(|c| c.conflict_probe = ConflictProbe::Icmp)
+}
+
+fn at(e: &mut DhcpEngine, p: &DhcpPacket, now_ms: u64) -> Outcome {
+    let bytes = p.encode(&[]);
+    let mut r = rx(&bytes, Port::Dhcp);
+    r.now_ms = now_ms;
+    e.handle(&r)
+}
+
+#[test]
+fn conflict_probe_is_off_by_default_and_offers_at_once() {
+    let mut e = engine(DhcpMode::Full);
+    let out = send(&mut e, &Client::plain().packet(), Port::Dhcp);
+    assert_eq!(out.probe, None);
+    assert_eq!(decode(&out).message_type(), Some(MessageType::Offer));
+}
+
+#[test]
+fn conflict_probe_holds_the_offer_without_blocking_other_clients() {
+    let mut e = probing_engine();
+    let a = Client::plain();
+    let out = at(&mut e, &a.packet(), NOW);
+    let ip = out.probe.expect("a probe of the chosen address");
+    assert!(out.reply.is_none(), "the OFFER waits for the probe");
+    assert_eq!(stages(&out), [BootStage::DhcpDiscover]);
+    // A retransmission during the probe starts no second probe.
+    let again = at(&mut e, &a.packet(), NOW + 100);
+    assert!(again.reply.is_none() && again.probe.is_none());
+    // Another client meanwhile gets another address, with its own probe: nobody waits.
+    let mut b = Client::plain();
+    b.mac = [0x52, 0x54, 0, 0, 0, 9];
+    let other = at(&mut e, &b.packet(), NOW + 50).probe.expect("b's probe");
+    assert_ne!(other, ip);
+    // Free: the held OFFER (with its event) goes out.
+    let done = e.probe_result(ip, false, NOW + 300);
+    let offer = decode(&done);
+    assert_eq!(offer.message_type(), Some(MessageType::Offer));
+    assert_eq!(offer.yiaddr, ip);
+    assert_eq!(stages(&done), [BootStage::DhcpOffer]);
+    // A result nobody waits for (already answered) does nothing.
+    assert_eq!(e.probe_result(ip, false, NOW + 310), Outcome::default());
+    // Within PROBE_MEMORY_SECS the same address is offered again without a probe.
+    let retry = at(&mut e, &a.packet(), NOW + 2_000);
+    assert_eq!(retry.probe, None);
+    assert_eq!(decode(&retry).yiaddr, ip);
+}
+
+#[test]
+fn an_address_in_use_is_quarantined_and_another_offered() {
+    let mut e = probing_engine();
+    let a = Client::plain();
+    let squatted = at(&mut e, &a.packet(), NOW).probe.unwrap();
+    let out = e.probe_result(squatted, true, NOW + 10);
+    assert!(out.reply.is_none());
+    assert_eq!(
+        out.events.first().map(|ev| ev.stage),
+        Some(BootStage::DhcpDecline)
+    );
+    let next = out
+        .probe
+        .expect("the DISCOVER decided again, with a new probe");
+    assert_ne!(next, squatted);
+    let offer = decode(&e.probe_result(next, false, NOW + 20));
+    assert_eq!(offer.yiaddr, next);
+    // Nobody is offered the squatted address during the quarantine, even asking for it.
+    let mut b = Client::plain();
+    b.mac = [0x52, 0x54, 0, 0, 0, 9];
+    let mut ask = b.packet();
+    ask.options.set(50, squatted.octets().to_vec());
+    assert_ne!(at(&mut e, &ask, NOW + 30).probe, Some(squatted));
+}
+
+#[test]
+fn a_clients_own_lease_and_lost_results_are_not_probed_or_kept() {
+    let mut e = probing_engine();
+    let c = Client::plain();
+    let ip = at(&mut e, &c.packet(), NOW).probe.unwrap();
+    e.probe_result(ip, false, NOW);
+    let mut req = c.packet();
+    req.options.set(53, vec![3]);
+    req.options.set(54, SERVER.octets().to_vec());
+    req.options.set(50, ip.octets().to_vec());
+    assert_eq!(
+        decode(&send(&mut e, &req, Port::Dhcp)).message_type(),
+        Some(MessageType::Ack)
+    );
+    // Long after the probe memory, the holder of the live lease is still not probed.
+    let later = at(&mut e, &c.packet(), NOW + (PROBE_MEMORY_SECS + 10) * 1000);
+    assert_eq!(later.probe, None);
+    assert_eq!(decode(&later).yiaddr, ip);
+    // A probe whose result never comes is forgotten on tick.
+    let mut d = Client::plain();
+    d.mac = [0x52, 0x54, 0, 0, 0, 8];
+    let pending = at(&mut e, &d.packet(), NOW).probe.unwrap();
+    e.tick(NOW + 10_000);
+    assert_eq!(
+        e.probe_result(pending, false, NOW + 10_001),
+        Outcome::default()
+    );
+}
+
+#[test]
+fn an_expired_client_comes_back_to_its_address() {
+    let mut e = engine(DhcpMode::Full);
+    let c = Client::plain();
+    let ip = dora(&mut e, &c);
+    let ended = e.tick(NOW + 3601 * 1000);
+    assert!(matches!(&ended[..], [LeaseChange::Expire(l)] if l.ip == ip));
+    assert!(
+        ended.iter().all(|c| !c.ends()),
+        "the store keeps it as remembered"
+    );
+    let later = NOW + 3700 * 1000;
+    let mut other = Client::plain();
+    other.mac = [0x52, 0x54, 0, 0, 0, 9];
+    assert_ne!(decode(&at(&mut e, &other.packet(), later)).yiaddr, ip);
+    assert_eq!(decode(&at(&mut e, &c.packet(), later)).yiaddr, ip);
 }
