@@ -136,6 +136,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let policy = Arc::new(cfg.policy.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
+    let dhcp_counters = crate::dhcp::limits::DhcpCounters::default();
     let mut engine_for_lookup = None;
     let mut engine_for_reload: Option<Arc<Mutex<DhcpEngine>>> = None;
     if cfg.dhcp.mode != DhcpMode::Off {
@@ -169,6 +170,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             port_4011: cfg.dhcp.port_4011,
             hook: cfg.dhcp.lease_hook.clone().map(LeaseHook::start),
             max_batch: cfg.dhcp.max_commit_batch,
+            counters: dhcp_counters.clone(),
         }
         .bind()?;
         tasks.spawn(dhcp);
@@ -177,6 +179,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         if let Some(ifname) = cfg.server.interface.clone() {
             let mode = cfg.dhcp.mode;
+            let probe_every = (cfg.dhcp.foreign_probe_secs > 0)
+                .then(|| std::time::Duration::from_secs(cfg.dhcp.foreign_probe_secs));
+            tasks.spawn(crate::dhcp::server::watch_other_servers(
+                ifname.clone(),
+                server_ip,
+                mode,
+                probe_every,
+                events.clone(),
+                dhcp_counters.clone(),
+            ));
             tasks.spawn(async move {
                 report_other_servers(&ifname, server_ip, mode).await;
                 Ok(())
@@ -232,7 +244,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             events.clone(),
             cfg.http.clone(),
         )
-        .with_mac_lookup(mac_lookup.clone());
+        .with_mac_lookup(mac_lookup.clone())
+        .with_dhcp_counters(&dhcp_counters);
         // One-shot state and the token secret survive restarts in the state directory (the
         // default one when a one-shot profile needs it); without either they live in memory.
         let http_state_dir = cfg.server.state_dir.clone().or_else(|| {

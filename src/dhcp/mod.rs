@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::mac::MacAddr;
 
 pub mod engine;
+pub mod limits;
 pub mod pool;
 pub mod reply_table;
 pub mod server;
@@ -69,6 +70,12 @@ pub struct DhcpConfig {
     /// digits of option 60 (ipxe #1527, firmware that omits 93). Default on; off reproduces a
     /// server that reads only option 93 and treats the client as BIOS.
     pub arch_from_vendor_class: bool,
+    /// `[dhcp.limits]`: rate limits against floods (see `limits`).
+    pub limits: limits::DhcpLimits,
+    /// How often (seconds) to probe for other DHCP servers on the link with a DISCOVER from
+    /// a made-up MAC; 0 turns the periodic probe off (replies seen passively on port 68 are
+    /// still reported).
+    pub foreign_probe_secs: u64,
 }
 
 /// Where a PXE reply carries the boot file (firmware-quirks.md Q1).
@@ -100,9 +107,15 @@ impl Default for DhcpConfig {
             discovery_control: true,
             boot_file: BootFileFields::Auto,
             arch_from_vendor_class: true,
+            limits: limits::DhcpLimits::default(),
+            foreign_probe_secs: DEFAULT_FOREIGN_PROBE_SECS,
         }
     }
 }
+
+/// Default period of the probe for other DHCP servers: a rogue server that appears is
+/// reported within minutes, at the cost of one broadcast packet per period.
+pub const DEFAULT_FOREIGN_PROBE_SECS: u64 = 300;
 
 /// Default limit of lease changes per sync: at 1 ms per fdatasync this allows millions of
 /// leases per second, far past what one socket delivers, while keeping a batch small in memory.
