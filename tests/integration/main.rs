@@ -6,6 +6,7 @@ mod support;
 mod cli;
 mod dhcp_full;
 mod dhcp_proxy;
+mod harden;
 mod http;
 mod lab_boot;
 mod lab_quirks;
