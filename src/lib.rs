@@ -27,6 +27,7 @@ pub mod leases;
 pub mod mac;
 pub mod net;
 pub mod policy;
+pub mod privs;
 pub mod server;
 pub mod stage;
 pub mod tftp;

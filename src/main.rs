@@ -60,6 +60,10 @@ enum Command {
         /// Append every boot event as a JSON line to this file.
         #[arg(long)]
         event_log: Option<PathBuf>,
+        /// After binding its sockets, switch to this user, keeping only the network
+        /// capabilities pxed uses (overrides the config's `[server] user`).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Check a config file and report every problem with its location.
     Check {
@@ -159,6 +163,7 @@ fn main() -> ExitCode {
             mode,
             address,
             event_log,
+            user,
         } => {
             let opts = ServeOptions {
                 config,
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
                 mode: mode.map(Into::into),
                 address,
                 event_log,
+                user,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

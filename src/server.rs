@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub address: Option<Ipv4Addr>,
     /// Event file.
     pub event_log: Option<PathBuf>,
+    /// User to switch to after binding.
+    pub user: Option<String>,
 }
 
 /// The config used without a file: proxy mode and one default profile. The default boots
@@ -81,6 +83,7 @@ pub fn zero_config(root: &Path) -> anyhow::Result<Config> {
             root: root.to_path_buf(),
             event_log: None,
             state_dir: None,
+            user: None,
         },
         dhcp: DhcpConfig::default(),
         tftp: Default::default(),
@@ -110,6 +113,9 @@ fn effective_config(opts: &ServeOptions) -> anyhow::Result<Config> {
     }
     if let Some(e) = &opts.event_log {
         cfg.server.event_log = Some(e.clone());
+    }
+    if let Some(u) = &opts.user {
+        cfg.server.user = Some(u.clone());
     }
     cfg.dhcp
         .validate()
@@ -282,6 +288,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             std::future::pending(),
         ));
     }
+    if let Some(name) = cfg.server.user.as_deref() {
+        drop_privileges(&cfg, name)?;
+    }
     tracing::info!(
         %server_ip,
         mode = ?cfg.dhcp.mode,
@@ -317,6 +326,37 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Every socket is bound: become `name`, keeping only the capabilities the running features
+/// use (src/privs.rs says which needs what), with the state directory handed over.
+fn drop_privileges(cfg: &Config, name: &str) -> anyhow::Result<()> {
+    let user = crate::privs::lookup_user(name)?;
+    let state_dir = cfg
+        .server
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    if state_dir.is_dir() {
+        crate::privs::give_dir(&state_dir, &user)
+            .with_context(|| format!("cannot hand {} to {name}", state_dir.display()))?;
+    }
+    let mut keep = Vec::new();
+    if cfg.dhcp.mode != DhcpMode::Off && cfg.server.interface.is_some() {
+        // ARP entries for unicast replies; port-68 sockets of the foreign-server watch,
+        // bound to the interface.
+        keep.extend([
+            crate::privs::CAP_NET_ADMIN,
+            crate::privs::CAP_NET_RAW,
+            crate::privs::CAP_NET_BIND_SERVICE,
+        ]);
+    }
+    if cfg.dhcp.mode != DhcpMode::Off && cfg.dhcp.ipv6_ra_enabled() {
+        keep.push(crate::privs::CAP_NET_RAW);
+    }
+    crate::privs::drop_to(&user, &keep).with_context(|| format!("cannot switch to user {name}"))?;
+    tracing::info!(user = name, uid = user.uid, caps = ?keep, "privileges dropped");
+    Ok(())
 }
 
 /// SIGHUP: read the config again and give the DHCP engine its new subnets, reservations,

@@ -276,3 +276,111 @@ fn a_dhcp_server_appearing_on_the_link_is_reported() {
     );
     pxed.assert_running();
 }
+
+/// A field of /proc/PID/status (or /proc/PID/task/TID/status).
+fn status_field(path: &Path, field: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `pxed serve --user nobody` in full mode, on a host with a second interface it was not
+/// asked to serve: every thread runs as nobody with only CAP_NET_BIND_SERVICE, CAP_NET_ADMIN
+/// and CAP_NET_RAW, a client still gets a durable lease (the state directory was handed
+/// over), and `ss` shows nothing listening on the other interface.
+#[test]
+fn pxed_drops_to_nobody_and_listens_only_where_asked() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lan = Lan::new();
+    let srv = lan.host("hsv", Some("10.243.0.1/24"));
+    let client = lan.host("hcl", None);
+    let srv_ns = &lan.hosts[srv];
+    srv_ns.ip(&[
+        "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p",
+    ]);
+    srv_ns.ip(&["link", "set", "eth1p", "up"]);
+    srv_ns.ip(&["addr", "add", "10.244.0.1/24", "dev", "eth1"]);
+    srv_ns.ip(&["link", "set", "eth1", "up"]);
+    let cfg = config(dir.path(), 243, "", "[tftp]\n");
+    // tempdir is 0700 root: nobody must reach the state directory inside it.
+    run("chmod", &["755", dir.path().to_str().unwrap()]);
+    let cfg_text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[tftp]\nenabled = false\n", "[tftp]\nenabled = true\n");
+    // The extra `[tftp]` passed above would duplicate the table; keep the first.
+    let cfg_text = cfg_text.trim_end().trim_end_matches("[tftp]").to_string();
+    std::fs::write(&cfg, cfg_text).unwrap();
+    let mut pxed = start_pxed(
+        srv_ns,
+        &cfg,
+        &dir.path().join("pxed.log"),
+        &["--user", "nobody"],
+    );
+    let pid = pxed.child.id();
+    wait_for("privileges dropped", Duration::from_secs(10), || {
+        pxed.assert_running();
+        pxed.log_text().contains("privileges dropped").then_some(())
+    });
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let nobody = crate::support::run("id", &["-u", "nobody"])
+        .trim()
+        .to_string();
+    // Bits 10, 12, 13: NET_BIND_SERVICE, NET_ADMIN, NET_RAW.
+    let expected_caps = format!("{:016x}", (1u64 << 10) | (1 << 12) | (1 << 13));
+    let mut threads = 0;
+    for task in std::fs::read_dir(proc_dir.join("task")).unwrap() {
+        let status = task.unwrap().path().join("status");
+        let uid = status_field(&status, "Uid");
+        assert!(
+            uid.split_whitespace().all(|u| u == nobody),
+            "{}: Uid {uid}",
+            status.display()
+        );
+        assert_eq!(status_field(&status, "CapEff"), expected_caps);
+        assert_eq!(status_field(&status, "CapPrm"), expected_caps);
+        assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+        threads += 1;
+    }
+    assert!(threads > 1, "only {threads} threads checked");
+
+    // DHCP still works, with a durable lease written as nobody.
+    let (script, events) = udhcpc_script(dir.path());
+    let mut cmd = lan.hosts[client].command("udhcpc");
+    cmd.args(["-f", "-i", "eth0", "-t", "10", "-T", "1", "-s"])
+        .arg(&script);
+    let _udhcpc = Daemon::spawn(cmd, &dir.path().join("udhcpc.log"));
+    let bound = wait_for("client bound", Duration::from_secs(15), || {
+        std::fs::read_to_string(&events)
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_string))
+    });
+    assert!(bound.starts_with("bound 10.243.0.1"), "{bound}");
+    pxed.assert_running();
+
+    // Nothing on the interface it was not asked for: TFTP and HTTP on 10.243.0.1 only, DHCP
+    // on the wildcard but bound to eth0 (ss prints it as `0.0.0.0%eth0`).
+    let ss = |args: &[&str]| {
+        let out = srv_ns.command("ss").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listening = format!("{}{}", ss(&["-ulnp"]), ss(&["-tlnp"]));
+    let pxed_lines: Vec<&str> = listening.lines().filter(|l| l.contains("pxed")).collect();
+    assert!(!pxed_lines.is_empty(), "{listening}");
+    for line in &pxed_lines {
+        let local = line.split_whitespace().nth(3).unwrap_or_default();
+        assert!(
+            local.starts_with("10.243.0.1:") || local.contains("%eth0:"),
+            "pxed listens beyond eth0: {line}"
+        );
+    }
+    for port in [":67", ":69", ":8080", ":4011"] {
+        assert!(
+            pxed_lines.iter().any(|l| l.contains(port)),
+            "{port} not found:\n{listening}"
+        );
+    }
+}
