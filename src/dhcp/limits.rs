@@ -26,20 +26,21 @@ use crate::mac::MacAddr;
 pub const DEFAULT_MAC_RATE: u32 = 2;
 /// Per MAC burst: the firmware + 4011 + iPXE exchanges of one boot back to back.
 pub const DEFAULT_MAC_BURST: u32 = 16;
-/// Per relay (giaddr; directly attached clients share one bucket): a boot storm of a few
-/// hundred machines behind one relay, at two packets each per second.
-pub const DEFAULT_RELAY_RATE: u32 = 500;
-/// Per relay burst: a rack powering on at once.
-pub const DEFAULT_RELAY_BURST: u32 = 1000;
-/// All unknown clients together: well under what pxed answers with durable leases on one
-/// core (BENCHMARKS.md, thousands per second), so a flood leaves room for the known clients.
-pub const DEFAULT_GLOBAL_RATE: u32 = 1000;
-/// Global burst for unknown clients.
-pub const DEFAULT_GLOBAL_BURST: u32 = 2000;
+/// Per relay (giaddr; directly attached clients share one bucket): a thousand machines behind
+/// one relay booting at once, at two packets each per second.
+pub const DEFAULT_RELAY_RATE: u32 = 2000;
+/// Per relay burst: two seconds of that.
+pub const DEFAULT_RELAY_BURST: u32 = 4000;
+/// All unknown clients together: about 40% of the packets pxed answered with durable leases
+/// on a loaded 2-core machine (BENCHMARKS.md: ~6 000 DORA/s, 12 000 packets/s), so a flood
+/// leaves pxed the time to serve known clients and TFTP/HTTP.
+pub const DEFAULT_GLOBAL_RATE: u32 = 5000;
+/// Global burst for unknown clients: two seconds of that.
+pub const DEFAULT_GLOBAL_BURST: u32 = 10_000;
 /// All known clients together: the same as the crowd's, in a bucket of their own.
-pub const DEFAULT_KNOWN_RATE: u32 = 1000;
+pub const DEFAULT_KNOWN_RATE: u32 = 5000;
 /// Known clients' burst.
-pub const DEFAULT_KNOWN_BURST: u32 = 2000;
+pub const DEFAULT_KNOWN_BURST: u32 = 10_000;
 /// MACs whose buckets are remembered: at ~100 bytes each, 64 Ki is a few MiB. Buckets that
 /// have refilled are forgotten first (they carry no state); past the cap a new MAC is bounded
 /// by the relay and global buckets only.
