@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pxed::stage::BootStage;
 use pxelab::impair::ImpairConfig;
 use pxelab::labfile::LabFile;
 use pxelab::run::{RunOptions, run_lab};
@@ -49,6 +50,51 @@ fn bios_boot_reaches_phone_home_through_loss_duplication_and_reordering() {
     assert!(
         report.passed(),
         "lossy boot failed; artifacts in {}:\n{}",
+        report.run_dir.display(),
+        report.summary()
+    );
+}
+
+/// pxed is killed (SIGKILL) and restarted while iPXE downloads the kernel over HTTP: the
+/// boot script retries the download once the new pxed listens, and the boot reaches
+/// phone-home.
+#[test]
+#[ignore = "VM boot (~1 min under TCG); run by scripts/test-faults"]
+fn bios_boot_survives_a_pxed_restart_during_the_kernel_download() {
+    require_root!();
+    let mut lab = lab("pxed-bios.toml");
+    lab.lab.name = "pxed-bios-restart-http".into();
+    lab.server.restart_at = Some(BootStage::HttpKernel);
+    lab.lab.tcg_scale = Some(5.0);
+    run_and_check(&lab);
+}
+
+/// pxed is killed and restarted while UEFI firmware (OVMF) fetches snponly.efi over TFTP.
+#[test]
+#[ignore = "VM boot (~1 min under TCG); run by scripts/test-faults"]
+fn uefi_boot_survives_a_pxed_restart_during_the_tftp_transfer() {
+    require_root!();
+    let mut lab = lab("pxed-uefi.toml");
+    lab.lab.name = "pxed-uefi-restart-tftp".into();
+    lab.server.restart_at = Some(BootStage::TftpRequest);
+    lab.lab.tcg_scale = Some(5.0);
+    run_and_check(&lab);
+}
+
+fn run_and_check(lab: &LabFile) {
+    let report = run_lab(
+        lab,
+        &RunOptions {
+            progress: true,
+            run_dir: None,
+        },
+    )
+    .unwrap();
+    eprint!("{}", report.summary());
+    assert!(
+        report.passed(),
+        "{} failed; artifacts in {}:\n{}",
+        lab.lab.name,
         report.run_dir.display(),
         report.summary()
     );
