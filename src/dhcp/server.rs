@@ -418,10 +418,20 @@ pub async fn watch_other_servers(
     events: EventBus,
     counters: super::limits::DhcpCounters,
 ) -> anyhow::Result<()> {
-    let sock = UdpSocket::from_std(net::udp_socket(
+    // Port 68 may be held by the host's own DHCP client without SO_REUSEADDR: then pxed
+    // serves on without the watch rather than not at all.
+    let sock = match net::udp_socket(
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, CLIENT_PORT)),
         Some(&interface),
-    )?)?;
+    )
+    .and_then(UdpSocket::from_std)
+    {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%err, "cannot watch for other DHCP servers on {interface}");
+            return Ok(());
+        }
+    };
     let mut probe = probe_every.map(|every| {
         let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
