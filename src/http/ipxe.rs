@@ -472,6 +472,11 @@ mod tests {
         // imgfree before the kernel, initrds after it, boot last.
         let pos = |needle: &str| s.find(needle).unwrap();
         assert!(pos("imgfree") < pos("kernel "));
+        // A failed download is retried once from before imgfree, then gives up.
+        assert!(pos(":retry\n") < pos("imgfree"));
+        assert!(pos(":failed\n") < pos("set pxed-retried 1\n"));
+        assert!(pos("isset ${pxed-retried} && goto give_up ||\n") < pos("goto retry\n"));
+        assert!(pos("goto retry\n") < pos(":give_up\n"));
         assert!(pos("kernel ") < pos("initrd --name"));
         assert!(pos("initrd --name") < pos("boot ||"));
     }
