@@ -29,6 +29,10 @@ pub struct ServerSection {
     /// Directory for pxed's state (leases, one-shot boot state).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// After binding its sockets, switch to this user (name or uid), keeping only the
+    /// network capabilities pxed uses (see SECURITY.md). Unset: stay as started.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// The whole file, as written.

@@ -29,6 +29,7 @@ pub mod mac;
 pub mod media;
 pub mod net;
 pub mod policy;
+pub mod privs;
 pub mod server;
 pub mod stage;
 pub mod tftp;

@@ -60,6 +60,10 @@ enum Command {
         /// Append every boot event as a JSON line to this file.
         #[arg(long)]
         event_log: Option<PathBuf>,
+        /// After binding its sockets, switch to this user, keeping only the network
+        /// capabilities pxed uses (overrides the config's `[server] user`).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Write boot media (USB image and ISO, BIOS and UEFI) that start iPXE from a stick or
     /// CD and netboot through this pxed: for machines whose NIC has no working PXE ROM.
@@ -181,6 +185,7 @@ fn main() -> ExitCode {
             mode,
             address,
             event_log,
+            user,
         } => {
             let opts = ServeOptions {
                 config,
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
                 mode: mode.map(Into::into),
                 address,
                 event_log,
+                user,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

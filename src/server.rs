@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub address: Option<Ipv4Addr>,
     /// Event file.
     pub event_log: Option<PathBuf>,
+    /// User to switch to after binding.
+    pub user: Option<String>,
 }
 
 /// The config used without a file: proxy mode and one default profile. The default boots
@@ -81,6 +83,7 @@ pub fn zero_config(root: &Path) -> anyhow::Result<Config> {
             root: root.to_path_buf(),
             event_log: None,
             state_dir: None,
+            user: None,
         },
         dhcp: DhcpConfig::default(),
         tftp: Default::default(),
@@ -111,6 +114,9 @@ fn effective_config(opts: &ServeOptions) -> anyhow::Result<Config> {
     if let Some(e) = &opts.event_log {
         cfg.server.event_log = Some(e.clone());
     }
+    if let Some(u) = &opts.user {
+        cfg.server.user = Some(u.clone());
+    }
     cfg.dhcp
         .validate()
         .map_err(|m| anyhow::anyhow!("[dhcp]: {m}"))?;
@@ -136,6 +142,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let policy = Arc::new(cfg.policy.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
+    let dhcp_counters = crate::dhcp::limits::DhcpCounters::default();
     let mut engine_for_lookup = None;
     let mut engine_for_reload: Option<Arc<Mutex<DhcpEngine>>> = None;
     if cfg.dhcp.mode != DhcpMode::Off {
@@ -169,6 +176,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             port_4011: cfg.dhcp.port_4011,
             hook: cfg.dhcp.lease_hook.clone().map(LeaseHook::start),
             max_batch: cfg.dhcp.max_commit_batch,
+            counters: dhcp_counters.clone(),
         }
         .bind()?;
         tasks.spawn(dhcp);
@@ -177,6 +185,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
         if let Some(ifname) = cfg.server.interface.clone() {
             let mode = cfg.dhcp.mode;
+            let probe_every = (cfg.dhcp.foreign_probe_secs > 0)
+                .then(|| std::time::Duration::from_secs(cfg.dhcp.foreign_probe_secs));
+            tasks.spawn(crate::dhcp::server::watch_other_servers(
+                ifname.clone(),
+                server_ip,
+                mode,
+                probe_every,
+                events.clone(),
+                dhcp_counters.clone(),
+            ));
             tasks.spawn(async move {
                 report_other_servers(&ifname, server_ip, mode).await;
                 Ok(())
@@ -232,7 +250,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             events.clone(),
             cfg.http.clone(),
         )
-        .with_mac_lookup(mac_lookup.clone());
+        .with_mac_lookup(mac_lookup.clone())
+        .with_dhcp_counters(&dhcp_counters);
         // One-shot state and the token secret survive restarts in the state directory (the
         // default one when a one-shot profile needs it); without either they live in memory.
         let http_state_dir = cfg.server.state_dir.clone().or_else(|| {
@@ -269,6 +288,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             std::future::pending(),
         ));
     }
+    if let Some(name) = cfg.server.user.as_deref() {
+        drop_privileges(&cfg, name)?;
+    }
     tracing::info!(
         %server_ip,
         mode = ?cfg.dhcp.mode,
@@ -304,6 +326,37 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Every socket is bound: become `name`, keeping only the capabilities the running features
+/// use (src/privs.rs says which needs what), with the state directory handed over.
+fn drop_privileges(cfg: &Config, name: &str) -> anyhow::Result<()> {
+    let user = crate::privs::lookup_user(name)?;
+    let state_dir = cfg
+        .server
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    if state_dir.is_dir() {
+        crate::privs::give_dir(&state_dir, &user)
+            .with_context(|| format!("cannot hand {} to {name}", state_dir.display()))?;
+    }
+    let mut keep = Vec::new();
+    if cfg.dhcp.mode != DhcpMode::Off && cfg.server.interface.is_some() {
+        // ARP entries for unicast replies; port-68 sockets of the foreign-server watch,
+        // bound to the interface.
+        keep.extend([
+            crate::privs::CAP_NET_ADMIN,
+            crate::privs::CAP_NET_RAW,
+            crate::privs::CAP_NET_BIND_SERVICE,
+        ]);
+    }
+    if cfg.dhcp.mode != DhcpMode::Off && cfg.dhcp.ipv6_ra_enabled() {
+        keep.push(crate::privs::CAP_NET_RAW);
+    }
+    crate::privs::drop_to(&user, &keep).with_context(|| format!("cannot switch to user {name}"))?;
+    tracing::info!(user = name, uid = user.uid, caps = ?keep, "privileges dropped");
+    Ok(())
 }
 
 /// SIGHUP: read the config again and give the DHCP engine its new subnets, reservations,

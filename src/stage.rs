@@ -57,6 +57,8 @@ stages! {
     DhcpInform = "dhcp.inform",
     /// A packet was not answered; the detail says why.
     DhcpIgnore = "dhcp.ignore",
+    /// Another DHCP server answered on the link (the client named is the one it answered).
+    DhcpForeignServer = "dhcp.foreign-server",
     /// pxed sent a proxyDHCP offer (port 67, proxy mode).
     ProxyOffer = "proxy.offer",
     /// pxed answered a boot server request on port 4011.

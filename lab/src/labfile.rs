@@ -89,6 +89,11 @@ pub struct ServerSection {
     /// user's own iPXE build (named in the template's `[ipxe]`), shim, GRUB, ...
     #[serde(default)]
     pub files: std::collections::BTreeMap<String, PathBuf>,
+    /// pxed: a fault to inject: when pxed reports this stage for the first time (e.g.
+    /// `tftp.request` or `http.kernel`), kill pxed (SIGKILL, like a crash) and start it again
+    /// with the same config and state, while the client is in the middle of that transfer.
+    #[serde(default)]
+    pub restart_at: Option<BootStage>,
 }
 
 /// A DHCP server that gives addresses and no boot data.

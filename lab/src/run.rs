@@ -39,6 +39,22 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Install the Ctrl-C handler once: it only raises a flag the run loop checks, so the Drop
 /// guards do the cleanup on the normal path.
+/// The pxed binary and config template of a lab.
+fn pxed_paths(lab: &LabFile) -> Result<(PathBuf, &Path)> {
+    let binary = lab
+        .server
+        .binary
+        .clone()
+        .or_else(|| std::env::var_os("PXELAB_PXED").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("pxed"));
+    let template = lab
+        .server
+        .config
+        .as_deref()
+        .context("pxed needs a config template")?;
+    Ok((binary, template))
+}
+
 pub fn install_ctrlc() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -166,17 +182,7 @@ fn run_inner(
             lab.server.dnsmasq,
         )?),
         ServerKind::Pxed => {
-            let binary = lab
-                .server
-                .binary
-                .clone()
-                .or_else(|| std::env::var_os("PXELAB_PXED").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from("pxed"));
-            let template = lab
-                .server
-                .config
-                .as_ref()
-                .context("pxed needs a config template")?;
+            let (binary, template) = pxed_paths(lab)?;
             Box::new(Pxed::start(&ctx, &binary, template)?)
         }
         ServerKind::Vm => Box::new(crate::vmserver::start_for_lab(
@@ -272,6 +278,10 @@ fn run_inner(
         }
     };
 
+    let mut restart_at = lab
+        .server
+        .restart_at
+        .filter(|_| lab.server.kind == ServerKind::Pxed);
     loop {
         if INTERRUPTED.load(Ordering::SeqCst) {
             bail!("interrupted");
@@ -292,6 +302,16 @@ fn run_inner(
             {
                 let new = o.on_event(&ev);
                 progress(i, new);
+            }
+            if restart_at == Some(ev.stage) {
+                // The injected fault: pxed dies in the middle of the transfer and comes back.
+                restart_at = None;
+                server.kill();
+                let (binary, template) = pxed_paths(lab)?;
+                server = Box::new(Pxed::start(&ctx, &binary, template)?);
+                if opts.progress {
+                    eprintln!("pxelab: pxed killed and restarted at {}", ev.stage);
+                }
             }
         }
         match con_rx.recv_timeout(LOOP_TICK) {

@@ -62,6 +62,10 @@ pub trait ServerProcess: Send {
     fn exited(&mut self) -> Option<ExitStatus>;
     /// Stop it (also done on drop).
     fn stop(&mut self);
+    /// Kill it at once (SIGKILL: a crash, for fault injection); by default a normal stop.
+    fn kill(&mut self) {
+        self.stop();
+    }
 }
 
 /// A child process stopped on drop: SIGTERM, then SIGKILL.
@@ -96,6 +100,15 @@ impl Guarded {
         }
         let _ = self.child.kill();
         self.done = self.child.wait().ok();
+    }
+}
+
+impl Guarded {
+    fn kill(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+            self.done = self.child.wait().ok();
+        }
     }
 }
 
@@ -438,6 +451,9 @@ impl ServerProcess for Pxed {
     }
     fn stop(&mut self) {
         self.proc.stop();
+    }
+    fn kill(&mut self) {
+        self.proc.kill();
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
+use super::limits::{Limited, RateLimiter};
 use super::pool::{ClientKey, Lease, Pool};
 use super::pxe_options::{PxeVendorOptions, client_facts, no_pxedhcp};
 use super::reply_table::{ClientClass, ReplyShape, reply_shape};
@@ -144,6 +145,9 @@ pub struct Outcome {
     pub events: Vec<BootEvent>,
     /// A lease change to persist first.
     pub lease: Option<LeaseChange>,
+    /// The packet was dropped by this rate limit (no event: a flood must not flood the
+    /// event stream too; the driver counts it for `/metrics`).
+    pub limited: Option<Limited>,
     /// Conflict probe: check that no host uses this address, then call
     /// [`DhcpEngine::probe_result`]; the OFFER is held until then.
     pub probe: Option<Ipv4Addr>,
@@ -173,6 +177,7 @@ pub struct DhcpEngine {
     probing: HashMap<Ipv4Addr, PendingProbe>,
     /// Addresses a probe found free, until when (seconds).
     probed_free: HashMap<Ipv4Addr, u64>,
+    limiter: RateLimiter,
 }
 
 struct Ctx<'a> {
@@ -211,7 +216,11 @@ impl DhcpEngine {
         leases: Vec<Lease>,
     ) -> DhcpEngine {
         let pool = Pool::with_reservations(config.subnet.clone(), &config.reservation, leases);
+        // Buckets start full; virtual time starts at the first packet's clock (a bucket
+        // created at 0 simply refills at once).
+        let limiter = RateLimiter::new(config.limits.clone(), 0);
         DhcpEngine {
+            limiter,
             config,
             policy,
             http_port,
@@ -233,6 +242,9 @@ impl DhcpEngine {
         config.port_4011 = self.config.port_4011;
         self.pool
             .reconfigure(config.subnet.clone(), &config.reservation);
+        if config.limits != self.config.limits {
+            self.limiter.reconfigure(config.limits.clone(), 0);
+        }
         self.config = config;
         self.policy = policy;
     }
@@ -276,6 +288,14 @@ impl DhcpEngine {
             tracing::debug!(src = %rx.src, htype = req.htype, hlen = req.hlen, "dropped: not Ethernet");
             return Outcome::default();
         };
+        if self.config.mode != DhcpMode::Off
+            && let Err(limit) = self.rate_limit(&req, mac, rx.now_ms)
+        {
+            return Outcome {
+                limited: Some(limit),
+                ..Default::default()
+            };
+        }
         let (mut facts, warnings) = client_facts(&req);
         if !self.config.arch_from_vendor_class && !req.options.contains(93) {
             facts.arch_code = None;
@@ -302,6 +322,17 @@ impl DhcpEngine {
             (Port::Dhcp, DhcpMode::Full) => self.full(ctx, kind),
             (Port::Dhcp, DhcpMode::Off) => Outcome::default(),
         }
+    }
+
+    /// Starvation defence: known clients (a reservation or a `[[machine]]` entry) draw from
+    /// their own bucket, everyone else from the relay's and the global one.
+    fn rate_limit(&mut self, req: &DhcpPacket, mac: MacAddr, now_ms: u64) -> Result<(), Limited> {
+        let who = ClientKey {
+            mac,
+            client_id: req.options.client_id(),
+        };
+        let known = self.pool.reservation(&who).is_some() || self.policy.machine(&mac).is_some();
+        self.limiter.check(mac, req.giaddr, known, now_ms)
     }
 
     fn server_addrs(&self, rx: &Received<'_>) -> ServerAddrs {
@@ -786,6 +817,7 @@ impl DhcpEngine {
             events: ctx.events,
             lease,
             probe: None,
+            limited: None,
         }
     }
 }

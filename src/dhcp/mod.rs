@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::mac::MacAddr;
 
 pub mod engine;
+pub mod limits;
 pub mod pool;
 pub mod probe;
 pub mod reply_table;
@@ -70,6 +71,12 @@ pub struct DhcpConfig {
     /// digits of option 60 (ipxe #1527, firmware that omits 93). Default on; off reproduces a
     /// server that reads only option 93 and treats the client as BIOS.
     pub arch_from_vendor_class: bool,
+    /// `[dhcp.limits]`: rate limits against floods (see `limits`).
+    pub limits: limits::DhcpLimits,
+    /// How often (seconds) to probe for other DHCP servers on the link with a DISCOVER from
+    /// a made-up MAC; 0 turns the periodic probe off (replies seen passively on port 68 are
+    /// still reported).
+    pub foreign_probe_secs: u64,
     /// Full mode: before offering an address no client held, check that no host answers on
     /// it (RFC 2131 2.2, 4.3.1). `off` (default) or `icmp` (one echo request, bounded wait).
     pub conflict_probe: ConflictProbe,
@@ -117,9 +124,15 @@ impl Default for DhcpConfig {
             boot_file: BootFileFields::Auto,
             arch_from_vendor_class: true,
             conflict_probe: ConflictProbe::Off,
+            limits: limits::DhcpLimits::default(),
+            foreign_probe_secs: DEFAULT_FOREIGN_PROBE_SECS,
         }
     }
 }
+
+/// Default period of the probe for other DHCP servers: a rogue server that appears is
+/// reported within minutes, at the cost of one broadcast packet per period.
+pub const DEFAULT_FOREIGN_PROBE_SECS: u64 = 300;
 
 /// Default limit of lease changes per sync: at 1 ms per fdatasync this allows millions of
 /// leases per second, far past what one socket delivers, while keeping a batch small in memory.

@@ -21,8 +21,9 @@ use super::engine::{
     CLIENT_PORT, Destination, DhcpEngine, LeaseChange, Outcome, PXE_PORT, Port, Received,
     SERVER_PORT,
 };
+use super::limits::DhcpCounters;
 use super::probe::{MAX_PROBES_IN_FLIGHT, PROBE_TIMEOUT, icmp_in_use};
-use super::wire::{DhcpPacket, MessageType};
+use super::wire::{DhcpPacket, MessageType, Op};
 use crate::events::{BootEvent, EventBus};
 use crate::leases::hook::LeaseHook;
 use crate::leases::{LeaseStore, StoreError};
@@ -61,6 +62,8 @@ pub struct DhcpServer {
     pub hook: Option<LeaseHook>,
     /// Most lease changes per commit.
     pub max_batch: usize,
+    /// Counters for `/metrics`.
+    pub counters: DhcpCounters,
 }
 
 fn now_ms() -> u64 {
@@ -219,6 +222,10 @@ impl DhcpServer {
             Ok(mut engine) => engine.handle(&rx),
             Err(_) => anyhow::bail!("DHCP engine lock poisoned"),
         };
+        if let Some(limit) = outcome.limited {
+            self.counters.limited(limit);
+            tracing::trace!(%src, limit = limit.as_str(), "DHCP packet rate-limited");
+        }
         self.dispatch(main, pxe, port, outcome, next, probes).await;
         Ok(())
     }
@@ -358,15 +365,7 @@ pub async fn find_other_servers(
         Some(interface),
     )?)?;
     let xid = (now_ms() as u32) ^ 0x7078_6564;
-    let mut probe = DhcpPacket::client_request(xid, MacAddr(PROBE_MAC));
-    probe.flags = 0x8000;
-    probe.options.set(53, vec![1]);
-    probe.options.set(55, vec![1, 3, 6, 54, 60, 66, 67]);
-    sock.send_to(
-        &probe.encode(&[]),
-        SocketAddr::from((Ipv4Addr::BROADCAST, SERVER_PORT)),
-    )
-    .await?;
+    send_probe(&sock, xid).await?;
     let mut found = Vec::new();
     let mut buf = vec![0u8; RECV_BUFFER];
     let deadline = tokio::time::Instant::now() + wait;
@@ -397,4 +396,147 @@ pub async fn find_other_servers(
         });
     }
     Ok(found)
+}
+
+/// Broadcast the DISCOVER from [`PROBE_MAC`] that makes every DHCP server on the link answer.
+async fn send_probe(sock: &UdpSocket, xid: u32) -> std::io::Result<()> {
+    let mut probe = DhcpPacket::client_request(xid, MacAddr(PROBE_MAC));
+    // Ask for broadcast replies (RFC 2131 4.1): a server would otherwise unicast to a MAC
+    // that does not exist.
+    probe.flags = 0x8000;
+    probe.options.set(53, vec![1]);
+    probe.options.set(55, vec![1, 3, 6, 54, 60, 66, 67]);
+    sock.send_to(
+        &probe.encode(&[]),
+        SocketAddr::from((Ipv4Addr::BROADCAST, SERVER_PORT)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Distinct other servers remembered (and reported once each): a forged-reply flood with
+/// random server identifiers must not grow memory or the event stream without bound.
+const MAX_FOREIGN_SERVERS: usize = 64;
+
+/// A DHCP reply from another server, if `bytes` is one: OFFER or ACK whose server identifier
+/// is not `our_ip`.
+pub fn foreign_reply(
+    bytes: &[u8],
+    src: SocketAddr,
+    our_ip: Ipv4Addr,
+) -> Option<(ForeignServer, MacAddr)> {
+    let reply = DhcpPacket::decode(bytes).ok()?;
+    if reply.op != Op::Reply
+        || !matches!(
+            reply.message_type(),
+            Some(MessageType::Offer | MessageType::Ack)
+        )
+    {
+        return None;
+    }
+    let server = reply.options.server_id().map_or(src.ip(), IpAddr::V4);
+    if server == IpAddr::V4(our_ip) {
+        return None;
+    }
+    let pxe = reply
+        .options
+        .get(60)
+        .is_some_and(|v| v.starts_with(b"PXEClient"))
+        || !reply.file.is_empty();
+    let mac = reply.mac()?;
+    Some((
+        ForeignServer {
+            server,
+            offered: reply.yiaddr,
+            pxe,
+        },
+        mac,
+    ))
+}
+
+/// Watch the link for other DHCP servers for as long as pxed runs: every OFFER or ACK from
+/// another server that reaches port 68 (broadcast replies, and replies to the probe sent
+/// every `probe_every`) is counted; each new server is reported once as a
+/// `dhcp.foreign-server` event. In proxy mode another server is expected (it gives the
+/// addresses), so only one that also hands out boot data (a competing PXE server) counts.
+pub async fn watch_other_servers(
+    interface: String,
+    our_ip: Ipv4Addr,
+    mode: super::DhcpMode,
+    probe_every: Option<Duration>,
+    events: EventBus,
+    counters: super::limits::DhcpCounters,
+) -> anyhow::Result<()> {
+    // Port 68 may be held by the host's own DHCP client without SO_REUSEADDR: then pxed
+    // serves on without the watch rather than not at all.
+    let sock = match net::udp_socket(
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, CLIENT_PORT)),
+        Some(&interface),
+    )
+    .and_then(UdpSocket::from_std)
+    {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::warn!(%err, "cannot watch for other DHCP servers on {interface}");
+            return Ok(());
+        }
+    };
+    let mut probe = probe_every.map(|every| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let mut seen: std::collections::HashSet<IpAddr> = std::collections::HashSet::new();
+    let mut buf = vec![0u8; RECV_BUFFER];
+    loop {
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => {
+                let (len, src) = match r {
+                    Ok(v) => v,
+                    Err(err) => {
+                        tracing::debug!(%err, "receiving on port 68");
+                        continue;
+                    }
+                };
+                let Some((found, client)) = buf.get(..len).and_then(|b| foreign_reply(b, src, our_ip)) else {
+                    continue;
+                };
+                if mode == super::DhcpMode::Proxy && !found.pxe {
+                    continue;
+                }
+                counters.foreign_replies.inc();
+                if seen.contains(&found.server) || seen.len() >= MAX_FOREIGN_SERVERS {
+                    continue;
+                }
+                seen.insert(found.server);
+                counters.foreign_servers.set(seen.len() as i64);
+                tracing::warn!(
+                    server = %found.server, offered = %found.offered, pxe = found.pxe,
+                    "another DHCP server answers on {interface}"
+                );
+                events.publish(BootEvent {
+                    mac: client,
+                    stage: crate::stage::BootStage::DhcpForeignServer,
+                    detail: format!(
+                        "DHCP server {} on {interface} offered {}{}",
+                        found.server,
+                        found.offered,
+                        if found.pxe { " with boot data" } else { "" }
+                    ),
+                    at_ms: now_ms(),
+                });
+            }
+            _ = async {
+                match probe.as_mut() {
+                    Some(t) => { t.tick().await; }
+                    None => std::future::pending().await,
+                }
+            } => {
+                let xid = (now_ms() as u32) ^ 0x7078_6564;
+                if let Err(err) = send_probe(&sock, xid).await {
+                    tracing::debug!(%err, "cannot send the DHCP server probe");
+                }
+            }
+        }
+    }
 }

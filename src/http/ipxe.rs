@@ -160,6 +160,8 @@ pub fn try_render_script(
             if wants_initrd_arg {
                 args.extend(names.iter().map(|n| format!("initrd={n}")));
             }
+            // A download cut off (pxed restarted, a link flap) is retried once from here.
+            s.push_str(":retry\n");
             // Q14: free images left by earlier scripts so they do not end up in the initrd.
             s.push_str("imgfree\n");
             let mut line = format!("kernel {kernel_url}");
@@ -221,6 +223,16 @@ pub fn try_render_script(
     }
     s.push_str("exit 0\n");
     s.push_str(":failed\n");
+    if matches!(plan.target, BootTarget::Kernel { .. }) {
+        // One retry of the whole download after a pause long enough for a restarted pxed to
+        // listen again (it binds within a second). The setting survives the `goto`.
+        s.push_str("isset ${pxed-retried} && goto give_up ||\n");
+        s.push_str("set pxed-retried 1\n");
+        s.push_str("echo pxed: a download failed; retrying in 3 seconds\n");
+        s.push_str("sleep 3\n");
+        s.push_str("goto retry\n");
+        s.push_str(":give_up\n");
+    }
     let _ = writeln!(
         s,
         "echo pxed: profile {} failed to boot",
@@ -460,6 +472,11 @@ mod tests {
         // imgfree before the kernel, initrds after it, boot last.
         let pos = |needle: &str| s.find(needle).unwrap();
         assert!(pos("imgfree") < pos("kernel "));
+        // A failed download is retried once from before imgfree, then gives up.
+        assert!(pos(":retry\n") < pos("imgfree"));
+        assert!(pos(":failed\n") < pos("set pxed-retried 1\n"));
+        assert!(pos("isset ${pxed-retried} && goto give_up ||\n") < pos("goto retry\n"));
+        assert!(pos("goto retry\n") < pos(":give_up\n"));
         assert!(pos("kernel ") < pos("initrd --name"));
         assert!(pos("initrd --name") < pos("boot ||"));
     }

@@ -112,6 +112,16 @@ impl HttpState {
         self
     }
 
+    /// Expose the DHCP driver's counters (rate limits, foreign servers) on `/metrics`. Call
+    /// before the state is shared (it registers into the not yet shared registry).
+    pub fn with_dhcp_counters(mut self, counters: &crate::dhcp::limits::DhcpCounters) -> Self {
+        match Arc::get_mut(&mut self.metrics) {
+            Some(m) => counters.register(&mut m.registry),
+            None => tracing::warn!("DHCP counters registered too late; not in /metrics"),
+        }
+        self
+    }
+
     /// Keep one-shot boot state in `store`.
     pub fn with_boot_states(mut self, store: Arc<dyn BootStateStore>) -> Self {
         self.boot_states = store;

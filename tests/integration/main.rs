@@ -6,6 +6,8 @@ mod support;
 mod cli;
 mod dhcp_full;
 mod dhcp_proxy;
+mod harden;
+mod harden_lab;
 mod http;
 mod lab_boot;
 mod lab_matrix;
