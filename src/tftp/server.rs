@@ -597,18 +597,27 @@ async fn run_transfer(
     }
     let mut buf = vec![0u8; TRANSFER_RECV_BYTES];
     let mut strangers: Vec<SocketAddr> = Vec::new();
+    // One timer and one cancellation future for the whole transfer, re-armed only when the
+    // deadline moves: creating them per packet showed in profiles of 1000 parallel transfers.
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
+    let timer = tokio::time::sleep(limits.deadline);
+    tokio::pin!(timer);
     while !transfer.is_done() {
         let deadline = transfer
             .next_deadline()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + limits.deadline);
+        if timer.deadline() != deadline || timer.is_elapsed() {
+            timer.as_mut().reset(deadline);
+        }
         let outs = tokio::select! {
-            _ = stop.cancelled() => {
+            _ = &mut cancelled => {
                 let _ = sock.send_to(&wire::encode_error(ErrorCode::Undefined, "server shutting down"), peer).await;
                 report.error("server shutting down");
                 return;
             }
-            _ = tokio::time::sleep_until(deadline) => transfer.on_timer(Instant::now()),
+            _ = &mut timer => transfer.on_timer(Instant::now()),
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, from)) if from == peer => match buf.get(..n) {
                     Some(bytes) => {

@@ -670,6 +670,9 @@ fn the_default_window_budget_fits_a_default_client_buffer() {
     let opts = [("blksize", "8192"), ("windowsize", "64")];
     let (got, took, events) = run_small_buffer(&data, &opts, &limits, 12);
     assert_same(&got, &data, "default budget");
-    assert!(matches!(events.last(), Some(TransferEvent::Complete { .. })));
+    assert!(matches!(
+        events.last(),
+        Some(TransferEvent::Complete { .. })
+    ));
     assert_eq!(took, Duration::ZERO, "no timeout may be needed");
 }
