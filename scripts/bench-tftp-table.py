@@ -94,4 +94,4 @@ for leg in sorted({k[0] for k in runs}, key=lambda l: l != "loopback"):
         row.append(", ".join(f"{r['client_cpu_s']:.1f}/{r['wall_s']:.1f} s" for r in pr) or "-")
         print("| " + " | ".join(row) + " |")
     print("\nServer peak RSS (VmHWM, KiB): " + ", ".join(
-        f"{s} {rss[(leg, s)]}" for s in ["pxed"] + PEERS if (leg, s) in rss))
+        f"{s} {rss[(leg, s)] if rss[(leg, s)] is not None else 'n/a (process gone)'}" for s in ["pxed"] + PEERS if (leg, s) in rss))
