@@ -67,7 +67,14 @@ fn main() -> anyhow::Result<()> {
     let mut checksums = std::collections::HashSet::new();
     let mut slowest = 0f64;
     let mut first_error = String::new();
+    let (mut timeouts, mut duplicates) = (0u64, 0u64);
+    let mut granted = (0u16, 0u16);
     for r in &results {
+        if let Ok(r) = r {
+            timeouts += r.timeouts;
+            duplicates += r.duplicates;
+            granted = (r.blksize, r.windowsize);
+        }
         match r {
             Ok(r) if expected.is_none_or(|e| e == r.bytes) => {
                 bytes += r.bytes;
@@ -87,9 +94,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{{\"clients\":{clients},\"failures\":{failures},\"wall_s\":{wall:.3},\"slowest_s\":{slowest:.3},\"bytes\":{bytes},\"mib_s\":{:.1},\"distinct_checksums\":{},\"client_cpu_s\":{cpu:.3},\"first_error\":{:?}}}",
+        "{{\"clients\":{clients},\"failures\":{failures},\"wall_s\":{wall:.3},\"slowest_s\":{slowest:.3},\"bytes\":{bytes},\"mib_s\":{:.1},\"distinct_checksums\":{},\"client_cpu_s\":{cpu:.3},\"granted_blksize\":{},\"granted_windowsize\":{},\"timeouts\":{timeouts},\"duplicates\":{duplicates},\"first_error\":{:?}}}",
         bytes as f64 / wall / 1048576.0,
         checksums.len(),
+        granted.0,
+        granted.1,
         first_error
     );
     Ok(())

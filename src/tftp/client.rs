@@ -14,6 +14,11 @@ use super::wire::{self, Packet};
 
 /// Receive buffer: the largest DATA packet (RFC 2348 blksize 65464 + 4-byte header).
 const RECV_BYTES: usize = 65468 + 4;
+/// Kernel bytes charged per queued datagram beyond its payload (sk_buff and allocation
+/// rounding), used to size the socket buffer for a whole window.
+const SKB_OVERHEAD: usize = 1024;
+/// Socket receive buffer asked for at most; Linux caps it at net.core.rmem_max anyway.
+const RCVBUF_MAX: usize = 16 << 20;
 
 /// What one read asks for.
 #[derive(Clone, Debug)]
@@ -43,6 +48,12 @@ pub struct ReadResult {
     pub elapsed: Duration,
     /// Blocks received again or out of order.
     pub duplicates: u64,
+    /// Our retransmissions after a timeout.
+    pub timeouts: u64,
+    /// The blksize in force (512 without an OACK).
+    pub blksize: u16,
+    /// The windowsize in force (1 without an OACK granting one).
+    pub windowsize: u16,
 }
 
 /// FNV-1a 64 offset basis.
@@ -61,6 +72,18 @@ pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 /// or a timeout after `retries` retransmissions.
 pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
     let sock = UdpSocket::bind(bind).await?;
+    // RFC 7440 section 4 puts a whole window on the wire at once: a socket buffer smaller than
+    // the window drops its tail every time (the Linux default, ~208 KiB, holds fewer than 16
+    // blocks of 8192 on loopback), and the transfer crawls on timeouts. Ask for room for two
+    // windows of what we request.
+    let window_bytes = usize::from(spec.windowsize.unwrap_or(1))
+        * (usize::from(spec.blksize.unwrap_or(512)) + SKB_OVERHEAD);
+    let want = (2 * window_bytes).min(RCVBUF_MAX);
+    let sref = socket2::SockRef::from(&sock);
+    if sref.recv_buffer_size().is_ok_and(|have| have < want) {
+        // Best effort: the kernel caps the value at rmem_max; a smaller buffer only costs speed.
+        let _ = sref.set_recv_buffer_size(want);
+    }
     let mut opts: Vec<(&str, String)> = Vec::new();
     if let Some(b) = spec.blksize {
         opts.push(("blksize", b.to_string()));
@@ -85,6 +108,9 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
         checksum: FNV_START,
         elapsed: Duration::ZERO,
         duplicates: 0,
+        timeouts: 0,
+        blksize: 512,
+        windowsize: 1,
     };
     let mut tries = 0u32;
     let mut gap_acked = false;
@@ -102,6 +128,14 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
                 gap_acked = false;
                 if tries > spec.retries {
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
+                }
+                result.timeouts += 1;
+                // RFC 7440 section 4: on a timeout the receiver acknowledges the last block
+                // received in order, so the sender resumes right after it. Repeating the
+                // window's previous ACK instead would be ignored as stale and make the sender
+                // resend blocks we already have, losing the same tail again.
+                if expected > 1 || result.bytes > 0 {
+                    last_sent = wire::encode_ack(expected.wrapping_sub(1));
                 }
                 let to = peer.unwrap_or(spec.server);
                 sock.send_to(&last_sent, to).await?;
@@ -159,6 +193,8 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
                 expected = expected.wrapping_add(1);
                 if last {
                     result.elapsed = started.elapsed();
+                    result.blksize = u16::try_from(blksize).unwrap_or(u16::MAX);
+                    result.windowsize = u16::try_from(window).unwrap_or(u16::MAX);
                     return Ok(result);
                 }
             }

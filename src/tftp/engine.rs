@@ -16,6 +16,11 @@ pub const BLKSIZE_DEFAULT: u16 = 512;
 /// Largest window we ever grant: ACK numbers inside one window must stay unambiguous mod 2^16,
 /// and a burst larger than this only fills socket buffers.
 pub const WINDOW_HARD_MAX: u16 = 1024;
+/// Default cap on the bytes of one window (windowsize x blksize). A window leaves in one burst
+/// and must fit the client's receive buffer whole: Linux gives a socket ~208 KiB by default and
+/// charges up to twice the payload per datagram, so 8192 x 16 already overflows it and the same
+/// tail of every window is lost again. 64 KiB allows 8 blocks of 8192, 44 of 1468, 64 of 512.
+pub const WINDOW_BYTES_DEFAULT: u32 = 64 << 10;
 /// RFC 2349 section 2: the valid timeout option range, in seconds.
 pub const TIMEOUT_OPTION_RANGE: std::ops::RangeInclusive<u64> = 1..=255;
 /// Progress events are produced at most this often per transfer.
@@ -28,6 +33,8 @@ pub struct Limits {
     pub blksize_max: u16,
     /// Largest windowsize granted (RFC 7440).
     pub windowsize_max: u16,
+    /// Largest window in bytes (windowsize x blksize) granted; see [`WINDOW_BYTES_DEFAULT`].
+    pub window_bytes_max: u32,
     /// Retransmission timeout when the client does not ask for one.
     pub timeout: Duration,
     /// Retransmissions of the same packet before giving up.
@@ -41,6 +48,7 @@ impl Default for Limits {
         Limits {
             blksize_max: 1468,
             windowsize_max: 64,
+            window_bytes_max: WINDOW_BYTES_DEFAULT,
             timeout: Duration::from_secs(1),
             max_retries: 5,
             deadline: Duration::from_secs(600),
@@ -184,6 +192,8 @@ pub fn negotiate(req: &Request, len: u64, limits: &Limits) -> Negotiated {
     };
     let blk_cap = limits.blksize_max.clamp(BLKSIZE_MIN, BLKSIZE_MAX);
     let win_cap = limits.windowsize_max.clamp(1, WINDOW_HARD_MAX);
+    // The windowsize answer depends on the blksize granted, whatever the options' order.
+    let mut windowsize_at: Option<usize> = None;
     for (name, value) in &req.options {
         // RFC 2349 section 4: the client sends tsize 0 in a RRQ, but the value carries no
         // meaning and atftp sends the word `enable`; any value asks for the size.
@@ -213,12 +223,22 @@ pub fn negotiate(req: &Request, len: u64, limits: &Limits) -> Negotiated {
             // RFC 7440 section 3: 1..=65535; we may answer with a smaller window. Netascii stays
             // lock-step.
             "windowsize" if req.mode == Mode::Octet && (1..=65535).contains(&v) => {
-                let granted = u16::try_from(v).unwrap_or(u16::MAX).min(win_cap);
-                n.windowsize = granted;
-                n.oack.push((name.clone(), granted.to_string()));
+                n.windowsize = u16::try_from(v).unwrap_or(u16::MAX).min(win_cap);
+                windowsize_at = Some(n.oack.len());
+                n.oack.push((name.clone(), String::new()));
             }
             _ => {}
         }
+    }
+    // RFC 7440 section 3: the server may answer a smaller window. Keep one window's bytes
+    // within the budget (at least one block: lock-step always works).
+    let by_bytes = limits.window_bytes_max / u32::from(n.blksize.max(BLKSIZE_MIN));
+    n.windowsize = n
+        .windowsize
+        .min(u16::try_from(by_bytes).unwrap_or(u16::MAX))
+        .max(1);
+    if let Some((_, value)) = windowsize_at.and_then(|i| n.oack.get_mut(i)) {
+        *value = n.windowsize.to_string();
     }
     n
 }

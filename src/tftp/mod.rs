@@ -31,6 +31,9 @@ pub struct TftpConfig {
     pub blksize_max: Option<u16>,
     /// Largest windowsize granted (RFC 7440); tftp-hpa breaks above 64.
     pub windowsize_max: u16,
+    /// Largest window in bytes (windowsize x blksize) granted: a window is sent in one burst and
+    /// must fit the client's receive buffer ([`engine::WINDOW_BYTES_DEFAULT`]).
+    pub window_bytes_max: u32,
     /// Match file names case-insensitively when the exact name does not exist (Windows-made
     /// trees asked for by firmware with different case).
     pub case_insensitive: bool,
@@ -60,6 +63,7 @@ impl Default for TftpConfig {
             port: 69,
             blksize_max: None,
             windowsize_max: 64,
+            window_bytes_max: engine::WINDOW_BYTES_DEFAULT,
             case_insensitive: false,
             fallback_dirs: Vec::new(),
             max_transfers: 256,

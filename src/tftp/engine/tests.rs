@@ -525,3 +525,154 @@ fn request_port_decisions() {
 fn netascii_translation() {
     assert_eq!(to_netascii(b"a\nb\rc\r\n"), b"a\r\nb\r\0c\r\0\r\n");
 }
+
+#[test]
+fn window_bytes_cap_the_granted_windowsize() {
+    let limits = Limits {
+        blksize_max: BLKSIZE_MAX,
+        windowsize_max: 64,
+        ..Limits::default()
+    };
+    // (request, granted blksize, granted windowsize), in the client's option order.
+    for (opts, blk, win) in [
+        (vec![("windowsize", "64"), ("blksize", "8192")], 8192, 8),
+        (vec![("blksize", "8192"), ("windowsize", "16")], 8192, 8),
+        (vec![("blksize", "8192"), ("windowsize", "4")], 8192, 4),
+        (vec![("blksize", "1468"), ("windowsize", "64")], 1468, 44),
+        (vec![("windowsize", "64")], 512, 64),
+        (vec![("blksize", "65464"), ("windowsize", "4")], 65464, 1),
+    ] {
+        let n = negotiate(&rrq("octet", &opts), 1 << 20, &limits);
+        assert_eq!((n.blksize, n.windowsize), (blk, win), "{opts:?}");
+        let answered: Vec<(String, String)> = opts
+            .iter()
+            .map(|(name, _)| {
+                let v = if *name == "blksize" { blk } else { win };
+                (name.to_string(), v.to_string())
+            })
+            .collect();
+        assert_eq!(n.oack, answered, "{opts:?}");
+    }
+    // A budget below one block still grants lock-step.
+    let tiny = Limits {
+        window_bytes_max: 0,
+        ..limits
+    };
+    let n = negotiate(&rrq("octet", &[("windowsize", "8")]), 10, &tiny);
+    assert_eq!(n.oack, vec![("windowsize".into(), "1".into())]);
+}
+
+/// A client whose socket buffer holds only `buffer` datagrams of a burst (the rest of the
+/// window is dropped, as Linux does when a window overflows SO_RCVBUF). It follows RFC 7440
+/// section 4: ACK after a full window or the last block, and on its own timeout ACK the last
+/// block received in order. Returns (bytes received, virtual duration, events).
+fn run_small_buffer(
+    data: &[u8],
+    options: &[(&str, &str)],
+    limits: &Limits,
+    buffer: usize,
+) -> (Vec<u8>, Duration, Vec<TransferEvent>) {
+    let client_timeout = limits.timeout - Duration::from_millis(100);
+    let t0 = Instant::now();
+    let mut now = t0;
+    let (mut t, first) = Transfer::start(&rrq("octet", options), data.len() as u64, limits, now);
+    let blksize = t.negotiated().blksize as usize;
+    let window = t.negotiated().windowsize as usize;
+    let mut received = Vec::new();
+    let mut events = Vec::new();
+    let mut expected: u64 = 1;
+    let mut in_window = 0;
+    let mut progress = now;
+    let mut outs = first;
+    while !t.is_done() {
+        // One engine step is one burst: only `buffer` datagrams of it reach the client.
+        let mut queue = Vec::new();
+        for o in outs.drain(..) {
+            match o {
+                Output::Send(d) if queue.len() < buffer => queue.push(render(&d, data)),
+                Output::Send(_) => {}
+                Output::Event(e) => events.push(e),
+            }
+        }
+        let mut ack = None;
+        for pkt in queue {
+            match wire::parse(&pkt).unwrap() {
+                Packet::Oack(_) => ack = Some(0),
+                Packet::Data(block, payload) if block == (expected & 0xffff) as u16 => {
+                    received.extend_from_slice(payload);
+                    progress = now;
+                    in_window += 1;
+                    if payload.len() < blksize || in_window == window {
+                        ack = Some(block);
+                        in_window = 0;
+                    }
+                    expected += 1;
+                }
+                _ => {}
+            }
+        }
+        if let Some(block) = ack {
+            outs = t.on_packet(&wire::encode_ack(block), now);
+            continue;
+        }
+        let server_at = t.next_deadline().unwrap();
+        let client_at = progress + client_timeout;
+        if client_at < server_at {
+            now = client_at;
+            progress = now;
+            in_window = 0;
+            let block = ((expected - 1) & 0xffff) as u16;
+            outs = t.on_packet(&wire::encode_ack(block), now);
+        } else {
+            now = server_at;
+            outs = t.on_timer(now);
+        }
+    }
+    events.extend(outs.into_iter().filter_map(|o| match o {
+        Output::Event(e) => Some(e),
+        Output::Send(_) => None,
+    }));
+    (received, now - t0, events)
+}
+
+#[test]
+fn a_window_larger_than_the_client_buffer_still_completes() {
+    // A window of 16 granted (budget lifted) to a client that keeps 5 datagrams of a burst:
+    // every window loses its tail. The client's timeout ACK of its last in-order block must
+    // move the window on (and reset the retry count) rather than end in "no ACK".
+    let limits = Limits {
+        blksize_max: BLKSIZE_MAX,
+        window_bytes_max: u32::MAX,
+        max_retries: 2,
+        ..Limits::default()
+    };
+    let data = content(8192 * 60 + 5);
+    let opts = [("blksize", "8192"), ("windowsize", "16")];
+    let (got, took, events) = run_small_buffer(&data, &opts, &limits, 5);
+    assert_same(&got, &data, "small buffer, window 16");
+    assert!(
+        matches!(events.last(), Some(TransferEvent::Complete { .. })),
+        "{events:?}"
+    );
+    // 61 blocks, 5 per client timeout of 0.9 s: 12 stalls.
+    assert!(took <= Duration::from_secs(13), "{took:?}");
+}
+
+#[test]
+fn the_default_window_budget_fits_a_default_client_buffer() {
+    // Linux's default receive buffer (~208 KiB) holds 12 datagrams of 8192 on loopback. With
+    // the default budget the same request is granted a window that fits: no timer fires.
+    let limits = Limits {
+        blksize_max: BLKSIZE_MAX,
+        ..Limits::default()
+    };
+    let data = content(8192 * 200 + 1);
+    let opts = [("blksize", "8192"), ("windowsize", "64")];
+    let (got, took, events) = run_small_buffer(&data, &opts, &limits, 12);
+    assert_same(&got, &data, "default budget");
+    assert!(matches!(
+        events.last(),
+        Some(TransferEvent::Complete { .. })
+    ));
+    assert_eq!(took, Duration::ZERO, "no timeout may be needed");
+}
