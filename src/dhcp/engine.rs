@@ -10,7 +10,7 @@ use super::limits::{Limited, RateLimiter};
 use super::pool::{ClientKey, Lease, Pool};
 use super::pxe_options::{PxeVendorOptions, client_facts, no_pxedhcp};
 use super::reply_table::{ClientClass, ReplyShape, reply_shape};
-use super::wire::{DhcpPacket, MessageType, Op};
+use super::wire::{DhcpPacket, MessageType, Op, code};
 use super::{BootFileFields, ConflictProbe, DhcpConfig, DhcpMode};
 use crate::events::BootEvent;
 use crate::mac::MacAddr;
@@ -559,9 +559,11 @@ impl DhcpEngine {
                     return ctx.ignore(format!("{state}: {reason} (not authoritative)"));
                 }
                 let mut nak = ctx.req.reply_skeleton();
-                nak.options.set(53, vec![6]);
-                nak.options.set(54, ctx.rx.server_ip.octets().to_vec());
-                nak.options.set(56, reason.to_string().into_bytes());
+                nak.options.set(code::MESSAGE_TYPE, vec![6]);
+                nak.options
+                    .set(code::SERVER_ID, ctx.rx.server_ip.octets().to_vec());
+                nak.options
+                    .set(code::MESSAGE, reason.to_string().into_bytes());
                 echo_relay_info(&ctx.req, &mut nak);
                 ctx.event(BootStage::DhcpNak, reason.to_string());
                 // RFC 2131 4.1: NAKs are broadcast unless relayed.
@@ -676,14 +678,17 @@ impl DhcpEngine {
             self.boot_reply(ctx, reply_type, DhcpMode::Full)?
         } else {
             let mut r = ctx.req.reply_skeleton();
-            r.options.set(53, vec![reply_type.code()]);
-            r.options.set(54, ctx.rx.server_ip.octets().to_vec());
+            r.options.set(code::MESSAGE_TYPE, vec![reply_type.code()]);
+            r.options
+                .set(code::SERVER_ID, ctx.rx.server_ip.octets().to_vec());
             r
         };
         let subnet = self.pool.subnet_for(link)?;
-        reply.options.set(1, subnet.mask().octets().to_vec());
+        reply
+            .options
+            .set(code::SUBNET_MASK, subnet.mask().octets().to_vec());
         if let Some(router) = subnet.router {
-            reply.options.set(3, router.octets().to_vec());
+            reply.options.set(code::ROUTER, router.octets().to_vec());
         }
         if !subnet.dns.is_empty() {
             reply
@@ -691,10 +696,14 @@ impl DhcpEngine {
                 .set(6, subnet.dns.iter().flat_map(|d| d.octets()).collect());
         }
         if let Some(domain) = &subnet.domain {
-            reply.options.set(15, domain.as_bytes().to_vec());
+            reply
+                .options
+                .set(code::DOMAIN_NAME, domain.as_bytes().to_vec());
         }
         if let Some(mtu) = subnet.mtu {
-            reply.options.set(26, mtu.to_be_bytes().to_vec());
+            reply
+                .options
+                .set(code::INTERFACE_MTU, mtu.to_be_bytes().to_vec());
         }
         if !subnet.ntp.is_empty() {
             reply
@@ -702,10 +711,14 @@ impl DhcpEngine {
                 .set(42, subnet.ntp.iter().flat_map(|d| d.octets()).collect());
         }
         if !subnet.search.is_empty() {
-            reply.options.set(119, encode_search_list(&subnet.search));
+            reply
+                .options
+                .set(code::DOMAIN_SEARCH, encode_search_list(&subnet.search));
         }
         if !subnet.route.is_empty() {
-            reply.options.set(121, encode_routes(subnet));
+            reply
+                .options
+                .set(code::CLASSLESS_ROUTES, encode_routes(subnet));
         }
         for raw in &subnet.option {
             // Validated at load: a bad value cannot reach here, but never panic on it.
@@ -717,9 +730,15 @@ impl DhcpEngine {
         if ctx.req.message_type() != Some(MessageType::Inform) {
             let secs = u32::try_from(subnet.lease_time.as_secs()).unwrap_or(u32::MAX);
             // RFC 2132 9.2, 9.11, 9.12: lease time, T1 = 50 %, T2 = 87.5 %.
-            reply.options.set(51, secs.to_be_bytes().to_vec());
-            reply.options.set(58, (secs / 2).to_be_bytes().to_vec());
-            reply.options.set(59, (secs / 8 * 7).to_be_bytes().to_vec());
+            reply
+                .options
+                .set(code::LEASE_TIME, secs.to_be_bytes().to_vec());
+            reply
+                .options
+                .set(code::RENEWAL_TIME, (secs / 2).to_be_bytes().to_vec());
+            reply
+                .options
+                .set(code::REBINDING_TIME, (secs / 8 * 7).to_be_bytes().to_vec());
         }
         let client_id = ctx.req.options.client_id().map(<[u8]>::to_vec);
         let who = ClientKey {
@@ -735,7 +754,7 @@ impl DhcpEngine {
                 .machine(&ctx.mac)
                 .and_then(|m| m.hostname.clone())
         }) {
-            reply.options.set(12, name.into_bytes());
+            reply.options.set(code::HOSTNAME, name.into_bytes());
         }
         echo_relay_info(&ctx.req, &mut reply);
         Some(reply)
@@ -765,8 +784,12 @@ impl DhcpEngine {
         let class = ClientClass::of(&ctx.facts);
         let shape = reply_shape(class, mode);
         let mut reply = ctx.req.reply_skeleton();
-        reply.options.set(53, vec![reply_type.code()]);
-        reply.options.set(54, ctx.rx.server_ip.octets().to_vec());
+        reply
+            .options
+            .set(code::MESSAGE_TYPE, vec![reply_type.code()]);
+        reply
+            .options
+            .set(code::SERVER_ID, ctx.rx.server_ip.octets().to_vec());
         apply_boot(&mut reply, &ctx.req, ctx.rx.server_ip, &file, &shape);
         self.apply_compat(&mut reply, &file);
         tracing::debug!(mac = %ctx.mac, ?class, profile = %plan.profile, reason = %plan.reason, file, "boot plan");
@@ -777,22 +800,27 @@ impl DhcpEngine {
     /// server that does not compensate. With the defaults this changes nothing.
     fn apply_compat(&self, reply: &mut DhcpPacket, file: &str) {
         if !self.config.pxe_vendor_option {
-            reply.options.remove(60);
+            reply.options.remove(code::VENDOR_CLASS);
         }
         if !self.config.discovery_control {
-            reply.options.remove(43);
+            reply.options.remove(code::VENDOR_SPECIFIC);
         }
         match self.config.boot_file {
             BootFileFields::Auto => {}
             BootFileFields::Header => {
                 if file.len() <= FILE_FIELD_MAX {
-                    reply.options.remove(66);
-                    reply.options.remove(67);
+                    reply.options.remove(code::TFTP_SERVER_NAME);
+                    reply.options.remove(code::BOOTFILE_NAME);
                 }
             }
             BootFileFields::Options => {
-                reply.options.set(66, reply.siaddr.to_string().into_bytes());
-                reply.options.set(67, file.as_bytes().to_vec());
+                reply.options.set(
+                    code::TFTP_SERVER_NAME,
+                    reply.siaddr.to_string().into_bytes(),
+                );
+                reply
+                    .options
+                    .set(code::BOOTFILE_NAME, file.as_bytes().to_vec());
                 reply.siaddr = Ipv4Addr::UNSPECIFIED;
                 reply.sname = Vec::new();
                 reply.file = Vec::new();
@@ -839,11 +867,15 @@ fn apply_boot(
     if !too_long {
         reply.file = file.as_bytes().to_vec();
     }
-    if prl.contains(&66) {
-        reply.options.set(66, server_ip.to_string().into_bytes());
+    if prl.contains(&code::TFTP_SERVER_NAME) {
+        reply
+            .options
+            .set(code::TFTP_SERVER_NAME, server_ip.to_string().into_bytes());
     }
-    if prl.contains(&67) || too_long {
-        reply.options.set(67, file.as_bytes().to_vec());
+    if prl.contains(&code::BOOTFILE_NAME) || too_long {
+        reply
+            .options
+            .set(code::BOOTFILE_NAME, file.as_bytes().to_vec());
     }
     reply
         .options
@@ -855,15 +887,15 @@ fn apply_boot(
         };
         // Only a discovery control byte: it always fits, so encoding cannot fail.
         if let Ok(bytes) = vendor.encode() {
-            reply.options.set(43, bytes);
+            reply.options.set(code::VENDOR_SPECIFIC, bytes);
         }
     }
     if shape.ipxe_no_pxedhcp {
-        reply.options.set(175, no_pxedhcp());
+        reply.options.set(code::IPXE_ENCAP, no_pxedhcp());
     }
     // Smee and pixiecore echo the client's UUID; EDK2 checks it on 4011 replies.
-    if let Some(uuid) = req.options.get(97) {
-        reply.options.set(97, uuid.to_vec());
+    if let Some(uuid) = req.options.get(code::CLIENT_UUID) {
+        reply.options.set(code::CLIENT_UUID, uuid.to_vec());
     }
 }
 
@@ -904,8 +936,8 @@ fn relay_suboption(value: &[u8], code: u8) -> Option<&[u8]> {
 
 /// RFC 3046 2.2: the server copies the relay agent information option into its reply.
 fn echo_relay_info(req: &DhcpPacket, reply: &mut DhcpPacket) {
-    if let Some(info) = req.options.get(82) {
-        reply.options.set(82, info.to_vec());
+    if let Some(info) = req.options.get(code::RELAY_AGENT_INFO) {
+        reply.options.set(code::RELAY_AGENT_INFO, info.to_vec());
     }
 }
 
@@ -1003,7 +1035,10 @@ fn ipxe_detail(f: &ClientFacts) -> String {
 }
 
 fn boot_detail(reply: &DhcpPacket) -> String {
-    let file = reply.options.get(67).unwrap_or(reply.file.as_slice());
+    let file = reply
+        .options
+        .get(code::BOOTFILE_NAME)
+        .unwrap_or(reply.file.as_slice());
     if file.is_empty() {
         "no boot data".into()
     } else {

@@ -86,6 +86,32 @@ pub mod code {
     pub const IPXE_ENCAP: u8 = 175;
     /// End (RFC 2132 3.2): one byte, no length.
     pub const END: u8 = 255;
+    /// Subnet mask (RFC 2132 3.3).
+    pub const SUBNET_MASK: u8 = 1;
+    /// Routers (RFC 2132 3.5).
+    pub const ROUTER: u8 = 3;
+    /// Domain name servers (RFC 2132 3.8).
+    pub const DNS_SERVERS: u8 = 6;
+    /// Host name (RFC 2132 3.14).
+    pub const HOSTNAME: u8 = 12;
+    /// Domain name (RFC 2132 3.17).
+    pub const DOMAIN_NAME: u8 = 15;
+    /// Interface MTU (RFC 2132 5.1).
+    pub const INTERFACE_MTU: u8 = 26;
+    /// NTP servers (RFC 2132 8.3).
+    pub const NTP_SERVERS: u8 = 42;
+    /// IP address lease time (RFC 2132 9.2).
+    pub const LEASE_TIME: u8 = 51;
+    /// Message, e.g. why a NAK (RFC 2132 9.9).
+    pub const MESSAGE: u8 = 56;
+    /// Renewal (T1) time (RFC 2132 9.11).
+    pub const RENEWAL_TIME: u8 = 58;
+    /// Rebinding (T2) time (RFC 2132 9.12).
+    pub const REBINDING_TIME: u8 = 59;
+    /// Domain search list (RFC 3397).
+    pub const DOMAIN_SEARCH: u8 = 119;
+    /// Classless static routes (RFC 3442).
+    pub const CLASSLESS_ROUTES: u8 = 121;
 }
 
 /// BOOTP op code (RFC 951).
