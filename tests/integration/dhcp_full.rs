@@ -112,12 +112,6 @@ fn leases(dir: &Path) -> HashMap<String, String> {
         .collect()
 }
 
-fn mac_of(ns: &NetNs) -> String {
-    let out = ns.ip(&["-o", "link", "show", "eth0"]);
-    let at = out.find("link/ether ").unwrap() + "link/ether ".len();
-    out[at..at + 17].to_string()
-}
-
 /// A client script that configures the address and logs each event with its variables.
 fn udhcpc_script(dir: &Path) -> (PathBuf, PathBuf) {
     let log = dir.join("udhcpc.events");
@@ -201,7 +195,7 @@ fn real_clients_get_leases_options_renew_release_and_reboot() {
         .find_map(|w| w.strip_prefix("ip="))
         .unwrap()
         .to_string();
-    let mac1 = mac_of(&lan.hosts[c1]);
+    let mac1 = crate::support::mac_of(&lan.hosts[c1]);
     assert_eq!(leases(dir.path()).get(&mac1), Some(&ip1));
     signal(&udhcpc, "-USR1");
     let renew = wait_for("udhcpc renew", Duration::from_secs(10), || {
@@ -246,7 +240,7 @@ fn real_clients_get_leases_options_renew_release_and_reboot() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let out = dhclient(&["-v"]);
-    let mac2 = mac_of(ns);
+    let mac2 = crate::support::mac_of(ns);
     let ip2 = leases(dir.path())
         .get(&mac2)
         .cloned()
@@ -287,7 +281,7 @@ fn real_clients_get_leases_options_renew_release_and_reboot() {
     let got = wait_for("dhcpcd bound", Duration::from_secs(20), || {
         lines(&dlog).into_iter().next()
     });
-    let mac3 = mac_of(ns);
+    let mac3 = crate::support::mac_of(ns);
     let ip3 = leases(dir.path()).get(&mac3).cloned();
     assert!(
         got.contains("routers=10.232.0.1")
@@ -409,7 +403,7 @@ router = "10.237.0.1"
     );
     assert!(bound.contains("router=10.237.0.1"), "{bound}");
     assert_eq!(
-        leases(dir.path()).get(&mac_of(&far.hosts[cli])),
+        leases(dir.path()).get(&crate::support::mac_of(&far.hosts[cli])),
         Some(&ip.to_string())
     );
     pxed.assert_running();
@@ -662,7 +656,7 @@ fn conflict_probe_skips_an_address_a_host_squats_on() {
         pxed.log_text()
     );
     assert_eq!(
-        leases(dir.path()).get(&mac_of(&lan.hosts[cli])),
+        leases(dir.path()).get(&crate::support::mac_of(&lan.hosts[cli])),
         Some(&"10.239.0.101".to_string())
     );
 }

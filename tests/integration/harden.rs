@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pxed::dhcp::wire::{DhcpPacket, Op};
+use pxed::dhcp::wire::DhcpPacket;
 
 use crate::require_root;
 use crate::support::{Daemon, Lan, NetNs, run, udp_listening, wait_for};
@@ -88,12 +88,6 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn mac_of(ns: &NetNs) -> String {
-    let out = ns.ip(&["-o", "link", "show", "eth0"]);
-    let at = out.find("link/ether ").unwrap() + "link/ether ".len();
-    out[at..at + 17].to_string()
-}
-
 /// A udhcpc script that logs `bound <ip>`.
 fn udhcpc_script(dir: &Path) -> (PathBuf, PathBuf) {
     let log = dir.join("udhcpc.events");
@@ -112,26 +106,9 @@ fn udhcpc_script(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// A DISCOVER from a random, locally administered MAC.
 fn discover(n: u32) -> Vec<u8> {
-    let mut chaddr = [0u8; 16];
     let b = n.to_be_bytes();
-    chaddr[..6].copy_from_slice(&[0x06, 0xf1, b[0], b[1], b[2], b[3]]);
-    let mut p = DhcpPacket {
-        op: Op::Request,
-        htype: 1,
-        hlen: 6,
-        hops: 0,
-        xid: n,
-        secs: 0,
-        flags: 0,
-        ciaddr: Ipv4Addr::UNSPECIFIED,
-        yiaddr: Ipv4Addr::UNSPECIFIED,
-        siaddr: Ipv4Addr::UNSPECIFIED,
-        giaddr: Ipv4Addr::UNSPECIFIED,
-        chaddr,
-        sname: Vec::new(),
-        file: Vec::new(),
-        options: Default::default(),
-    };
+    let mac = pxed::mac::MacAddr([0x06, 0xf1, b[0], b[1], b[2], b[3]]);
+    let mut p = DhcpPacket::client_request(n, mac);
     p.options.set(53, vec![1]);
     p.encode(&[])
 }
@@ -147,7 +124,7 @@ fn a_random_mac_flood_is_rate_limited_and_a_reserved_client_is_still_served() {
     let srv = lan.host("hsv", Some("10.241.0.1/24"));
     let flooder = lan.host("hfl", Some("10.241.0.2/24"));
     let client = lan.host("hcl", None);
-    let mac = mac_of(&lan.hosts[client]);
+    let mac = crate::support::mac_of(&lan.hosts[client]);
     let cfg = config(
         dir.path(),
         241,

@@ -110,6 +110,13 @@ impl Drop for NetNs {
     }
 }
 
+/// The MAC of `eth0` in a namespace, as `ip link` prints it.
+pub fn mac_of(ns: &NetNs) -> String {
+    let out = ns.ip(&["-o", "link", "show", "eth0"]);
+    let at = out.find("link/ether ").unwrap() + "link/ether ".len();
+    out[at..at + 17].to_string()
+}
+
 /// A LAN: a bridge in its own namespace, and hosts (namespaces) joined to it by veth pairs.
 pub struct Lan {
     pub switch: NetNs,
