@@ -114,30 +114,15 @@ pub fn ensure_arm64_payload(cache: &Path) -> Result<Arm64Payload> {
     let gz =
         flate2::write::GzEncoder::new(std::fs::File::create(&tmp)?, flate2::Compression::default());
     let mut w = CpioWriter::new(gz);
-    for d in [
-        "/bin",
-        "/sbin",
-        "/dev",
-        "/etc",
-        "/etc/pxelab",
-        "/lib",
-        "/lib/modules",
-        "/proc",
-        "/sys",
-        "/tmp",
-        "/run",
-    ] {
-        w.dir(d, 0o755)?;
-    }
-    w.char_dev("/dev/console", 0o600, 5, 1)?;
-    w.file("/bin/busybox", 0o755, &busybox)?;
-    for a in String::from_utf8_lossy(&applets.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|a| !a.is_empty() && !a.contains('/') && *a != "busybox")
-    {
-        w.symlink(&format!("/bin/{a}"), "busybox")?;
-    }
+    let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
+    crate::payload::write_busybox_root(
+        &mut w,
+        &busybox,
+        applets
+            .lines()
+            .map(str::trim)
+            .filter(|a| !a.is_empty() && !a.contains('/') && *a != "busybox"),
+    )?;
     w.file("/init", 0o755, init_script().as_bytes())?;
     w.file("/etc/pxelab/udhcpc.script", 0o755, UDHCPC_SCRIPT.as_bytes())?;
     let mod_root = root.join("lib/modules").join(&kver);

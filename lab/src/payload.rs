@@ -382,27 +382,7 @@ fn ensure_initrd(cache: &Path, kernel_root: &Path, kver: &str) -> Result<PathBuf
     let file = std::fs::File::create(&tmp)?;
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
     let mut w = CpioWriter::new(gz);
-    for d in [
-        "/bin",
-        "/sbin",
-        "/dev",
-        "/etc",
-        "/etc/pxelab",
-        "/lib",
-        "/lib/modules",
-        "/proc",
-        "/sys",
-        "/tmp",
-        "/run",
-    ] {
-        w.dir(d, 0o755)?;
-    }
-    // The kernel opens /dev/console for init before anything is mounted.
-    w.char_dev("/dev/console", 0o600, 5, 1)?;
-    w.file("/bin/busybox", 0o755, &busybox)?;
-    for a in &applets {
-        w.symlink(&format!("/bin/{a}"), "busybox")?;
-    }
+    write_busybox_root(&mut w, &busybox, applets.iter().map(String::as_str))?;
     w.file("/init", 0o755, init.as_bytes())?;
     w.file("/etc/pxelab/udhcpc.script", 0o755, UDHCPC_SCRIPT.as_bytes())?;
     let mut order = String::new();
@@ -422,6 +402,37 @@ fn ensure_initrd(cache: &Path, kernel_root: &Path, kver: &str) -> Result<PathBuf
 /// What a module list looks like, for reports (name -> size).
 pub fn describe_modules(modules: &[(String, Vec<u8>)]) -> BTreeMap<String, usize> {
     modules.iter().map(|(n, b)| (n.clone(), b.len())).collect()
+}
+
+/// The skeleton every test-OS initramfs starts with: the directories init mounts on, the
+/// console device, busybox and a symlink per applet. The kernel opens /dev/console for init
+/// before anything is mounted, so the node must be in the archive.
+pub(crate) fn write_busybox_root<'a, W: Write>(
+    w: &mut CpioWriter<W>,
+    busybox: &[u8],
+    applets: impl IntoIterator<Item = &'a str>,
+) -> std::io::Result<()> {
+    for d in [
+        "/bin",
+        "/sbin",
+        "/dev",
+        "/etc",
+        "/etc/pxelab",
+        "/lib",
+        "/lib/modules",
+        "/proc",
+        "/sys",
+        "/tmp",
+        "/run",
+    ] {
+        w.dir(d, 0o755)?;
+    }
+    w.char_dev("/dev/console", 0o600, 5, 1)?;
+    w.file("/bin/busybox", 0o755, busybox)?;
+    for a in applets {
+        w.symlink(&format!("/bin/{a}"), "busybox")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
