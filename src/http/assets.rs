@@ -31,6 +31,11 @@ use tokio_util::io::ReaderStream;
 /// bigger chunks mean fewer trips (64 KiB measured below nginx on 100 concurrent range
 /// readers, BENCHMARKS.md); at the default cap of 1024 connections the buffers stay <= 256 MiB.
 pub const STREAM_CHUNK: usize = 256 * 1024;
+/// Bodies up to this size are read with one positioned read on the blocking pool and sent as
+/// one buffer: a range reader (iPXE `sanboot`, many clients fetching image pieces) then costs one
+/// trip to the pool instead of a seek plus one trip per chunk. Bounded so that 100 concurrent
+/// readers hold at most 100 x 2 MiB.
+pub const SINGLE_READ_MAX: u64 = 2 * 1024 * 1024;
 
 /// Longest request path we try to resolve; PATH_MAX on Linux.
 const MAX_PATH_BYTES: usize = 4096;
@@ -416,16 +421,34 @@ pub async fn file_response(
         };
         return ((status, common).into_response(), served);
     }
+    if count <= SINGLE_READ_MAX {
+        let std_file = file.into_std().await;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0)];
+            std::os::unix::fs::FileExt::read_exact_at(&std_file, &mut buf, start).map(|()| buf)
+        })
+        .await;
+        return match read {
+            Ok(Ok(buf)) => {
+                on_chunk(buf.len());
+                let served = Served {
+                    status,
+                    body_len: count,
+                    detail,
+                };
+                let mut resp = Response::new(Body::from(buf));
+                *resp.status_mut() = status;
+                resp.headers_mut().extend(common);
+                (resp, served)
+            }
+            Ok(Err(err)) => read_failed(path, shown, &err.to_string()),
+            Err(err) => read_failed(path, shown, &err.to_string()),
+        };
+    }
     if start > 0
         && let Err(err) = file.seek(SeekFrom::Start(start)).await
     {
-        tracing::warn!(%err, path = %path.display(), "cannot seek");
-        let served = Served {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            body_len: 0,
-            detail: format!("{shown} seek failed: {err}"),
-        };
-        return (StatusCode::INTERNAL_SERVER_ERROR.into_response(), served);
+        return read_failed(path, shown, &err.to_string());
     }
     let stream = ReaderStream::with_capacity(file.take(count), STREAM_CHUNK).map(move |chunk| {
         if let Ok(c) = &chunk {
@@ -442,6 +465,17 @@ pub async fn file_response(
     *resp.status_mut() = status;
     resp.headers_mut().extend(common);
     (resp, served)
+}
+
+/// A read that failed after the headers were decided (the file shrank or the disk failed).
+fn read_failed(path: &Path, shown: &str, err: &str) -> (Response, Served) {
+    tracing::warn!(%err, path = %path.display(), "cannot read");
+    let served = Served {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        body_len: 0,
+        detail: format!("{shown} read failed: {err}"),
+    };
+    (StatusCode::INTERNAL_SERVER_ERROR.into_response(), served)
 }
 
 #[cfg(test)]
