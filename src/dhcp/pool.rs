@@ -68,10 +68,28 @@ impl Pool {
             ..Default::default()
         };
         for lease in leases {
-            pool.by_ip.insert(lease.ip, lease.mac);
+            // Two stored leases can name one address (the older one expired before the newer
+            // was granted); the address belongs to the lease that ends last.
+            let keep_other = pool
+                .by_ip
+                .get(&lease.ip)
+                .and_then(|other| pool.leases.get(other))
+                .is_some_and(|other| other.mac != lease.mac && other.expires > lease.expires);
+            if !keep_other {
+                pool.by_ip.insert(lease.ip, lease.mac);
+            }
             pool.leases.insert(lease.mac, lease);
         }
         pool
+    }
+
+    /// Forget that `mac` owns `ip`, unless the address has passed to another client since
+    /// (its old lease expired and the address was leased again): unmapping it then would make
+    /// the new holder's address look free (found by fuzzing: two clients leased one address).
+    fn unmap(&mut self, ip: Ipv4Addr, mac: &MacAddr) {
+        if self.by_ip.get(&ip) == Some(mac) {
+            self.by_ip.remove(&ip);
+        }
     }
 
     /// The subnet for a request: the relay's (giaddr) when relayed, else the one holding the
@@ -194,7 +212,8 @@ impl Pool {
         if let Some(old) = self.leases.get(&lease.mac)
             && old.ip != lease.ip
         {
-            self.by_ip.remove(&old.ip);
+            let old_ip = old.ip;
+            self.unmap(old_ip, &lease.mac);
         }
         self.offers.remove(&lease.mac);
         self.by_ip.insert(lease.ip, lease.mac);
@@ -204,7 +223,7 @@ impl Pool {
     /// RFC 2131 4.3.4: a released address returns to the pool. Returns the lease that ended.
     pub fn release(&mut self, mac: &MacAddr, ip: Ipv4Addr) -> Option<Lease> {
         if self.leases.get(mac).is_some_and(|l| l.ip == ip) {
-            self.by_ip.remove(&ip);
+            self.unmap(ip, mac);
             return self.leases.remove(mac);
         }
         None
@@ -291,5 +310,54 @@ mod tests {
         let a = p.offer(mac(1), LINK, None, 0).unwrap();
         p.apply(p.prepare(mac(1), LINK, a, None, 0).unwrap());
         assert!(p.check(&mac(2), LINK, a, 601).is_ok());
+    }
+
+    /// Regression (fuzz/artifacts/dhcp_engine/double-lease-min): A's lease expires, B is given
+    /// the address, then A releases it (or moves to another address). That must not free B's
+    /// address for a third client.
+    #[test]
+    fn stale_lease_does_not_free_the_new_holders_address() {
+        for a_moves_instead in [false, true] {
+            let mut p = Pool::new(vec![subnet()], []);
+            let x = p.offer(mac(1), LINK, None, 0).unwrap();
+            p.apply(p.prepare(mac(1), LINK, x, None, 0).unwrap());
+            // A's lease (600 s) has expired; B takes the address.
+            p.apply(p.prepare(mac(2), LINK, x, None, 700).unwrap());
+            assert_eq!(p.owner(x), Some(mac(2)));
+            if a_moves_instead {
+                let y = p.offer(mac(1), LINK, None, 701).unwrap();
+                assert_ne!(y, x);
+                p.apply(p.prepare(mac(1), LINK, y, None, 701).unwrap());
+            } else {
+                assert!(p.release(&mac(1), x).is_some());
+            }
+            assert_eq!(p.owner(x), Some(mac(2)), "B still owns the address");
+            assert!(matches!(
+                p.check(&mac(3), LINK, x, 702),
+                Err(NakReason::Taken { .. })
+            ));
+            assert_ne!(p.offer(mac(3), LINK, Some(x), 702), Some(x));
+        }
+    }
+
+    #[test]
+    fn reloaded_store_gives_a_shared_address_to_the_newer_lease() {
+        let ip = Ipv4Addr::new(10, 0, 0, 100);
+        let old = Lease {
+            mac: mac(1),
+            ip,
+            expires: 600,
+            hostname: None,
+        };
+        let new = Lease {
+            mac: mac(2),
+            ip,
+            expires: 1300,
+            hostname: None,
+        };
+        for order in [[old.clone(), new.clone()], [new.clone(), old.clone()]] {
+            let p = Pool::new(vec![subnet()], order);
+            assert_eq!(p.owner(ip), Some(mac(2)));
+        }
     }
 }
