@@ -78,6 +78,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Import leases (into the store) and static hosts (printed as [[dhcp.reservation]]
+    /// TOML) from dnsmasq or ISC dhcpd. Run it with pxed stopped.
+    Import {
+        /// Which server the files come from.
+        #[arg(long, value_enum)]
+        from: ImportFrom,
+        /// Its lease file (dnsmasq.leases, dhcpd.leases).
+        #[arg(long)]
+        leases: Option<PathBuf>,
+        /// Its config file (for static hosts).
+        #[arg(long)]
+        hosts: Option<PathBuf>,
+        /// pxed's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ImportFrom {
+    Dnsmasq,
+    Dhcpd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -157,6 +179,18 @@ fn main() -> ExitCode {
             state_dir,
             json,
         } => server::print_leases(config.as_deref(), state_dir.as_deref(), json),
+        Command::Import {
+            from,
+            leases,
+            hosts,
+            state_dir,
+        } => {
+            let source = match from {
+                ImportFrom::Dnsmasq => pxed::leases::import::Source::Dnsmasq,
+                ImportFrom::Dhcpd => pxed::leases::import::Source::Dhcpd,
+            };
+            server::import(source, leases.as_deref(), hosts.as_deref(), &state_dir)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

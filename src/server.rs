@@ -14,7 +14,8 @@ use crate::dhcp::server::{DhcpServer, find_other_servers};
 use crate::dhcp::{DhcpConfig, DhcpMode};
 use crate::events::EventBus;
 use crate::http::server::{HttpState, MacLookup};
-use crate::leases::{JournalStore, LeaseStore};
+use crate::leases::hook::LeaseHook;
+use crate::leases::{LEASE_DB, LeaseStore, SqliteStore};
 use crate::net;
 use crate::policy::{IpxeBinaries, PolicyConfig, ProfileConfig, ServerAddrs};
 use crate::tftp;
@@ -136,6 +137,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut engine_for_lookup = None;
+    let mut engine_for_reload: Option<Arc<Mutex<DhcpEngine>>> = None;
     if cfg.dhcp.mode != DhcpMode::Off {
         let (store, leases): (Arc<dyn LeaseStore>, _) = if cfg.dhcp.mode == DhcpMode::Full {
             let dir = cfg
@@ -143,7 +145,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 .state_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-            let store = JournalStore::open(&dir.join("leases.jsonl"))?;
+            let store = SqliteStore::open(&dir.join(LEASE_DB))?;
             let leases = store.load()?;
             (Arc::new(store), leases)
         } else {
@@ -157,6 +159,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             leases,
         )));
         engine_for_lookup = Some(engine.clone());
+        engine_for_reload = Some(engine.clone());
         let dhcp = DhcpServer {
             engine,
             store,
@@ -164,6 +167,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             interface: cfg.server.interface.clone(),
             server_ip,
             port_4011: cfg.dhcp.port_4011,
+            hook: cfg.dhcp.lease_hook.clone().map(LeaseHook::start),
+            max_batch: cfg.dhcp.max_commit_batch,
         }
         .bind()?;
         tasks.spawn(dhcp);
@@ -189,6 +194,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if cfg.tftp.enabled {
         let files = tftp::server::root_source(&cfg.tftp, cfg.server.root.clone())
             .with_context(|| format!("boot root {}", cfg.server.root.display()))?;
+        // Real files first, then pxelinux/GRUB configs and boot.ipxe rendered from the policy.
+        let files = Arc::new(tftp::virtual_files::PolicyFiles::new(
+            files,
+            policy.clone(),
+            ServerAddrs {
+                ip: server_ip,
+                http_port: cfg.http.port,
+            },
+        ));
         let bind = SocketAddr::from((server_ip, cfg.tftp.port));
         let tftp = tftp::server::TftpServer::bind(
             cfg.tftp.clone(),
@@ -208,7 +222,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("cannot bind HTTP to {bind}"))?;
-        let state = HttpState::new(
+        let mut state = HttpState::new(
             cfg.server.root.clone(),
             Arc::new(RwLock::new(cfg.policy.clone())),
             ServerAddrs {
@@ -219,6 +233,36 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             cfg.http.clone(),
         )
         .with_mac_lookup(mac_lookup.clone());
+        // One-shot state and the token secret survive restarts in the state directory (the
+        // default one when a one-shot profile needs it); without either they live in memory.
+        let http_state_dir = cfg.server.state_dir.clone().or_else(|| {
+            cfg.policy
+                .has_one_shot()
+                .then(|| PathBuf::from(DEFAULT_STATE_DIR))
+        });
+        if let Some(dir) = http_state_dir {
+            let store = crate::http::FileBootStates::open(&dir.join("boot-state.json"))?;
+            let secret_path = dir.join("http-secret");
+            let secret = crate::http::Secret::load_or_create(&secret_path)
+                .with_context(|| format!("token secret {}", secret_path.display()))?;
+            state = state.with_boot_states(Arc::new(store)).with_secret(secret);
+        }
+        if cfg.http.tls_cert.is_some() != cfg.http.tls_key.is_some() {
+            bail!("[http]: give both tls_cert and tls_key, or neither");
+        }
+        if let (Some(cert), Some(key)) = (&cfg.http.tls_cert, &cfg.http.tls_key) {
+            let tls = crate::http::tls::server_config(cert, key)?;
+            let bind = SocketAddr::new(bind.ip(), cfg.http.tls_port);
+            let tls_listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot bind HTTPS to {bind}"))?;
+            tasks.spawn(crate::http::server::serve_tls(
+                tls_listener,
+                state.clone(),
+                tls,
+                std::future::pending(),
+            ));
+        }
         tasks.spawn(crate::http::server::serve(
             listener,
             state,
@@ -242,8 +286,12 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     };
     tokio::pin!(shutdown);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         tokio::select! {
+            _ = async { match hangup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                reload(&opts, engine_for_reload.as_ref());
+            }
             _ = &mut shutdown => {
                 tracing::info!("shutting down");
                 return Ok(());
@@ -255,6 +303,30 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 Some(Err(err)) => return Err(err.into()),
             }
         }
+    }
+}
+
+/// SIGHUP: read the config again and give the DHCP engine its new subnets, reservations,
+/// options and policy. Leases stay (they live in the engine's pool and the store); a config
+/// that does not load is reported and the running one kept.
+fn reload(opts: &ServeOptions, engine: Option<&Arc<Mutex<DhcpEngine>>>) {
+    let cfg = match effective_config(opts) {
+        Ok(cfg) => cfg,
+        Err(err) => {
+            tracing::error!(%err, "SIGHUP: config not reloaded; keeping the running one");
+            return;
+        }
+    };
+    if let Some(engine) = engine
+        && let Ok(mut e) = engine.lock()
+    {
+        let leases = e.pool().leases().count();
+        e.reconfigure(cfg.dhcp.clone(), Arc::new(cfg.policy.clone()));
+        tracing::info!(
+            leases,
+            subnets = cfg.dhcp.subnet.len(),
+            "SIGHUP: DHCP config reloaded"
+        );
     }
 }
 
@@ -314,11 +386,11 @@ pub fn print_leases(
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
     };
-    let path = dir.join("leases.jsonl");
+    let path = dir.join(LEASE_DB);
     if !path.exists() {
-        bail!("no lease file at {}", path.display());
+        bail!("no lease store at {}", path.display());
     }
-    let mut leases = JournalStore::open(&path)?.load()?;
+    let mut leases = SqliteStore::open_read_only(&path)?.load()?;
     leases.sort_by_key(|l| l.ip);
     if json {
         println!("{}", serde_json::to_string_pretty(&leases)?);
@@ -333,6 +405,49 @@ pub fn print_leases(
                 l.hostname.as_deref().unwrap_or("-")
             );
         }
+    }
+    Ok(())
+}
+
+/// `pxed import`: leases from another server's lease file into the store (all in one
+/// transaction), static hosts printed as `[[dhcp.reservation]]` TOML to paste into the config.
+pub fn import(
+    source: crate::leases::import::Source,
+    leases: Option<&Path>,
+    hosts: Option<&Path>,
+    state_dir: &Path,
+) -> anyhow::Result<()> {
+    use crate::leases::import;
+    if let Some(path) = leases {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let found = import::leases(source, &text, now)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let store = SqliteStore::open(&state_dir.join(LEASE_DB))?;
+        let changes: Vec<_> = found
+            .iter()
+            .cloned()
+            .map(crate::dhcp::engine::LeaseChange::Commit)
+            .collect();
+        store.commit(&changes)?;
+        eprintln!(
+            "imported {} active leases from {}",
+            found.len(),
+            path.display()
+        );
+    }
+    if let Some(path) = hosts {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let found = import::reservations(source, &text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for r in &found {
+            println!("{}", r.to_toml());
+        }
+        eprintln!("{} static hosts from {}", found.len(), path.display());
     }
     Ok(())
 }

@@ -58,6 +58,8 @@ pub enum ServerKind {
     Dnsmasq,
     /// pxed, from its config file.
     Pxed,
+    /// A server VM on the lab switch (the prepared `pxe-server`, or an imported one).
+    Vm,
 }
 
 /// `[server]`.
@@ -81,6 +83,8 @@ pub struct ServerSection {
     /// Another DHCP server on the lab LAN that gives the addresses (for pxed in proxy mode):
     /// it runs in its own namespace at x.y.z.2, joined to the lab switch by its own TAP.
     pub address_server: Option<AddressServer>,
+    /// vm: the server VM's definition (default: `vm-images/pxe-server.toml`).
+    pub definition: Option<PathBuf>,
 }
 
 /// A DHCP server that gives addresses and no boot data.
@@ -112,6 +116,13 @@ pub struct MachineSection {
     /// Stages for this machine only (replace the lab's `[[expect]]`).
     #[serde(default)]
     pub expect: Vec<ExpectSection>,
+    /// Firmware quirk profiles on this machine's port: built-in names (`pxelab quirks`) or
+    /// profile files (`*.toml`, relative to the lab file). See docs/quirks.md.
+    #[serde(default)]
+    pub quirks: Vec<String>,
+    /// Link impairments on this machine's port (loss, duplication, reordering, delay, MTU,
+    /// link-up delay).
+    pub impair: Option<crate::impair::ImpairConfig>,
 }
 
 /// `[[expect]]`.
@@ -147,6 +158,16 @@ impl LabFile {
         {
             lab.server.config = Some(base.join(c));
         }
+        if let Some(d) = &lab.server.definition
+            && d.is_relative()
+        {
+            lab.server.definition = Some(base.join(d));
+        }
+        for m in &mut lab.machines {
+            for q in &mut m.quirks {
+                *q = crate::quirks::rebase(q, base);
+            }
+        }
         Ok(lab)
     }
 
@@ -176,6 +197,15 @@ impl LabFile {
             }
             if !names.insert(&m.name) {
                 bail!("two machines are named `{}`", m.name);
+            }
+            for q in &m.quirks {
+                if !crate::quirks::is_path(q) && crate::quirks::QuirkProfile::builtin(q).is_none() {
+                    bail!("machine `{}`: no built-in quirk profile `{q}`", m.name);
+                }
+            }
+            if let Some(i) = &m.impair {
+                i.validate()
+                    .with_context(|| format!("machine `{}`", m.name))?;
             }
             if self.expect.is_empty() && m.expect.is_empty() {
                 bail!("machine `{}` expects no stage: add [[expect]]", m.name);

@@ -7,22 +7,36 @@
 //! - [`machine`]: firmware/NIC/ROM catalogue and running QEMUs.
 //! - [`payload`], [`cpio`]: the Debian kernel and our initramfs.
 //! - [`server`]: the boot server process (dnsmasq or pxed) and the phone-home receiver.
-//! - [`wire`], [`oracle`], [`report`]: evidence, verdicts, reports.
+//! - [`wire`], [`oracle`], [`report`], [`breakdown`]: evidence, verdicts, reports, and where
+//!   the seconds of each boot went.
+//! - [`impair`], [`quirks`]: link impairments and firmware quirk profiles on switch ports.
+//! - [`replay`], [`bundle`]: replaying field captures against pxed; packing a lab into one file.
 //! - [`labfile`], [`run`]: lab definitions and running them; [`demo`]: the built-in demo lab;
 //!   [`doctor`], [`cleanup`]: CLI helpers.
 
+pub mod breakdown;
+pub mod bundle;
 pub mod cleanup;
 pub mod cpio;
 pub mod demo;
 pub mod doctor;
+pub mod export;
+pub mod images;
+pub mod impair;
+pub mod import;
 pub mod labfile;
 pub mod machine;
 pub mod netns;
 pub mod oracle;
+pub mod ovf;
 pub mod payload;
 pub mod pcap;
+pub mod quirks;
+pub mod replay;
 pub mod report;
 pub mod run;
 pub mod server;
 pub mod switch;
+pub mod vmdef;
+pub mod vmserver;
 pub mod wire;

@@ -17,9 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a lab file and report every machine's stages.
+    /// Run a lab file (or a bundle) and report every machine's stages.
     Run {
-        /// The lab definition (TOML).
+        /// The lab definition (TOML), or a bundle made by `pxelab bundle`.
         lab: PathBuf,
         /// Put artifacts here instead of under $PXELAB_RUNS.
         #[arg(long)]
@@ -31,10 +31,69 @@ enum Cmd {
         #[arg(long)]
         pxed: Option<PathBuf>,
     },
+    /// List the built-in firmware quirk profiles with their sources; show or check one.
+    Quirks {
+        /// Print this profile's TOML.
+        #[arg(long)]
+        show: Option<String>,
+        /// Run this profile's check (both sides) in the lab.
+        #[arg(long)]
+        check: Option<String>,
+        /// Run every built-in profile's check.
+        #[arg(long)]
+        check_all: bool,
+    },
+    /// Replay the client side of a capture from a real network against pxed in the lab and
+    /// show where pxed's replies differ from the captured ones.
+    Replay {
+        /// The capture (pcap or pcapng, Ethernet).
+        capture: PathBuf,
+        /// pxed config template (default lab/labs/pxed-full.pxed.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Put the lab's capture and logs here.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+    },
+    /// Pack a lab (TOML, pxed config, quirk profiles, ROMs, and a run's pcaps and logs) into
+    /// one file that `pxelab run` takes.
+    Bundle {
+        /// The lab definition (TOML).
+        lab: PathBuf,
+        /// A run directory whose artifacts to include.
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// The bundle to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Check QEMU, ROMs, firmware, KVM, namespace rights and disk space.
     Doctor,
     /// Remove namespaces and QEMU processes left by crashed runs.
     Clean,
+    /// Export prepared VMs (vm-images/*.toml) as OVA (VirtualBox) and libvirt XML.
+    Export {
+        /// VM definitions.
+        #[arg(required = true)]
+        definitions: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "pxelab-export")]
+        out: PathBuf,
+        /// The pxed binary for the server image (default: $PXELAB_PXED, then PATH).
+        #[arg(long)]
+        pxed: Option<PathBuf>,
+    },
+    /// Import a VirtualBox or VMware export (.ova or .ovf) as a lab machine.
+    Import {
+        /// The .ova or .ovf.
+        file: PathBuf,
+        /// The machine goes into <out>/<name>/.
+        #[arg(long, default_value = "pxelab-machines")]
+        out: PathBuf,
+        /// Give every NIC a new MAC (default: keep them).
+        #[arg(long)]
+        new_macs: bool,
+    },
 }
 
 /// Run a lab, print its report, and turn the verdict into an exit code.
@@ -62,7 +121,7 @@ fn run_and_report(lab: &pxelab::labfile::LabFile, run_dir: Option<PathBuf>) -> E
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Run { lab, run_dir } => match pxelab::labfile::LabFile::load(&lab) {
+        Cmd::Run { lab, run_dir } => match pxelab::bundle::load_lab(&lab) {
             Ok(l) => run_and_report(&l, run_dir),
             Err(e) => {
                 eprintln!("pxelab: {e:#}");
@@ -75,6 +134,58 @@ fn main() -> ExitCode {
                 Ok(mut lab) => {
                     lab.server.binary = pxed;
                     run_and_report(&lab, None)
+                }
+                Err(e) => {
+                    eprintln!("pxelab: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Quirks {
+            show,
+            check,
+            check_all,
+        } => pxelab_quirks(show, check, check_all),
+        Cmd::Replay {
+            capture,
+            config,
+            run_dir,
+        } => {
+            let result = std::fs::read(&capture)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| pxelab::replay::read_capture(&b))
+                .and_then(|frames| {
+                    let opts = pxelab::replay::ReplayOptions {
+                        pxed: std::env::var_os("PXELAB_PXED")
+                            .map(PathBuf::from)
+                            .unwrap_or_else(|| PathBuf::from("pxed")),
+                        config: config
+                            .unwrap_or_else(|| PathBuf::from("lab/labs/pxed-full.pxed.toml")),
+                        run_dir: run_dir
+                            .unwrap_or_else(|| pxelab::replay::default_run_dir(&capture)),
+                    };
+                    pxelab::replay::replay(&frames, &opts)
+                });
+            match result {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    if report.difference_count() == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("pxelab: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Bundle { lab, run, output } => {
+            match pxelab::bundle::pack(&lab, run.as_deref(), &output) {
+                Ok(files) => {
+                    println!("{}: {}", output.display(), files.join(", "));
+                    ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("pxelab: {e:#}");
@@ -102,6 +213,27 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+        Cmd::Export {
+            definitions,
+            out,
+            pxed,
+        } => match pxelab::export::export_definitions(&definitions, &out, pxed.as_deref()) {
+            Ok(done) => {
+                for e in done {
+                    println!("{}\n{}", e.ova.display(), e.libvirt_xml.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pxelab: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Import {
+            file,
+            out,
+            new_macs,
+        } => pxelab::import::cli_import(&file, &out, new_macs),
         Cmd::Clean => {
             let done = pxelab::cleanup::clean(&pxelab::run::runs_root());
             if done.is_empty() {
@@ -112,5 +244,82 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn pxelab_quirks(show: Option<String>, check: Option<String>, check_all: bool) -> ExitCode {
+    use pxelab::quirks::{BUILTIN, QuirkProfile};
+    if let Some(name) = show {
+        return match BUILTIN.iter().find(|(n, _)| *n == name) {
+            Some((_, text)) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("pxelab: no built-in profile `{name}`");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let profiles = match QuirkProfile::builtins() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pxelab: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let selected: Vec<&QuirkProfile> = match (&check, check_all) {
+        (Some(name), _) => profiles.iter().filter(|p| &p.name == name).collect(),
+        (None, true) => profiles.iter().collect(),
+        (None, false) => {
+            for p in &profiles {
+                println!("{:<28} {}", p.name, p.summary);
+                println!("{:<28} source: {}", "", p.source);
+            }
+            return ExitCode::SUCCESS;
+        }
+    };
+    if selected.is_empty() {
+        eprintln!(
+            "pxelab: no built-in profile `{}`",
+            check.unwrap_or_default()
+        );
+        return ExitCode::from(2);
+    }
+    let labs = std::env::var_os("PXELAB_LABS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("lab/labs"));
+    let scratch = pxelab::run::runs_root().join("quirk-configs");
+    let started = std::time::Instant::now();
+    let mut bad = 0;
+    for p in selected {
+        match pxelab::quirks::run_check(p, &labs, &scratch, &|_| {}) {
+            Ok(sides) => {
+                for s in sides {
+                    if !s.as_expected {
+                        bad += 1;
+                    }
+                    println!(
+                        "{:<5} {:<28} {:<6} {:>6.1} s  {}  ({})",
+                        if s.as_expected { "ok" } else { "FAIL" },
+                        p.name,
+                        format!("{:?}", s.side).to_lowercase(),
+                        s.duration_ms as f64 / 1000.0,
+                        s.summary,
+                        s.run_dir.display()
+                    );
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                println!("ERROR {:<28} {e:#}", p.name);
+            }
+        }
+    }
+    println!("{bad} unexpected, {:.0} s", started.elapsed().as_secs_f64());
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

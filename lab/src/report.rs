@@ -287,6 +287,11 @@ impl RunReport {
                     }
                 }
             }
+            let phases = crate::breakdown::breakdown(&m.timeline);
+            if !phases.is_empty() {
+                let _ = writeln!(s, "    where the time went:");
+                s.push_str(&crate::breakdown::render(&phases));
+            }
             if let Verdict::Failed {
                 stage,
                 reason,

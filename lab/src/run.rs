@@ -134,10 +134,13 @@ fn run_inner(
     let server_ip = Ipv4Addr::new(a, b, c, 1);
 
     let netns = Netns::create(suffix)?;
-    let tap = netns.create_tap(TAP_NAME, &format!("{server_ip}/24"))?;
     let (obs_tx, obs_rx) = mpsc::channel();
     let mut switch = LabSwitch::start(run_dir, Some(obs_tx))?;
-    switch.add_tap_port("uplink", tap, Box::new(PassThrough))?;
+    // A server VM is itself on the switch: no uplink into the namespace.
+    if lab.server.kind != ServerKind::Vm {
+        let tap = netns.create_tap(TAP_NAME, &format!("{server_ip}/24"))?;
+        switch.add_tap_port("uplink", tap, Box::new(PassThrough))?;
+    }
 
     let ctx = ServerContext {
         netns: &netns,
@@ -166,6 +169,15 @@ fn run_inner(
                 .context("pxed needs a config template")?;
             Box::new(Pxed::start(&ctx, &binary, template)?)
         }
+        ServerKind::Vm => Box::new(crate::vmserver::start_for_lab(
+            lab,
+            &payload,
+            accel,
+            scale,
+            &mut switch,
+            server_ip,
+            run_dir,
+        )?),
     };
 
     // The "existing DHCP server" for proxy labs: its own namespace and TAP at x.y.z.2.
@@ -186,7 +198,12 @@ fn run_inner(
     let mut vms: Vec<Vm> = Vec::new();
     let mut oracles: Vec<MachineOracle> = Vec::new();
     for (i, (spec, expect)) in specs.into_iter().enumerate() {
-        let (port, sock) = switch.add_stream_port(&spec.name, Box::new(PassThrough))?;
+        let filter = match lab.machines.get(i) {
+            Some(m) => crate::quirks::port_filter(&m.quirks, m.impair.as_ref(), Instant::now())
+                .with_context(|| format!("machine `{}`", m.name))?,
+            None => Box::new(PassThrough),
+        };
+        let (port, sock) = switch.add_stream_port(&spec.name, filter)?;
         let args = qemu_command(&spec, accel, &sock, run_dir)?;
         let mut vm = Vm::spawn(spec, i, &args, run_dir, con_tx.clone())?;
         if let Err(err) = switch.wait_connected(port, CONNECT_TIMEOUT) {

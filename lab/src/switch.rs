@@ -66,6 +66,38 @@ impl FrameFilter for PassThrough {
     }
 }
 
+/// Filters stacked on one port, listed from the attached device outwards: a frame the device
+/// sends passes them first to last, a frame to the device last to first. So a firmware quirk
+/// (next to the device) sees what the device really sends and receives, and link impairments
+/// (outside it) act on the wire.
+pub struct Chain(pub Vec<Box<dyn FrameFilter>>);
+
+impl FrameFilter for Chain {
+    fn on_frame(
+        &mut self,
+        dir: Direction,
+        frame: Vec<u8>,
+        now: Instant,
+    ) -> Vec<(Duration, Vec<u8>)> {
+        let mut frames = vec![(Duration::ZERO, frame)];
+        let mut apply = |f: &mut Box<dyn FrameFilter>| {
+            frames = std::mem::take(&mut frames)
+                .into_iter()
+                .flat_map(|(d, fr)| {
+                    f.on_frame(dir, fr, now + d)
+                        .into_iter()
+                        .map(move |(d2, out)| (d + d2, out))
+                })
+                .collect();
+        };
+        match dir {
+            Direction::Ingress => self.0.iter_mut().for_each(&mut apply),
+            Direction::Egress => self.0.iter_mut().rev().for_each(&mut apply),
+        }
+        frames
+    }
+}
+
 /// A frame as switched (after the ingress port's filter), for the oracle.
 #[derive(Clone, Debug)]
 pub struct Observed {
@@ -641,6 +673,35 @@ mod tests {
         fn on_frame(&mut self, _: Direction, _: Vec<u8>, _: Instant) -> Vec<(Duration, Vec<u8>)> {
             vec![]
         }
+    }
+
+    struct Tag(u8, Duration);
+    impl FrameFilter for Tag {
+        fn on_frame(
+            &mut self,
+            _: Direction,
+            mut f: Vec<u8>,
+            _: Instant,
+        ) -> Vec<(Duration, Vec<u8>)> {
+            f.push(self.0);
+            vec![(self.1, f.clone()), (self.1, f)]
+        }
+    }
+
+    #[test]
+    fn chain_orders_by_direction_and_adds_delays() {
+        let ms = Duration::from_millis;
+        let mut c = Chain(vec![Box::new(Tag(1, ms(1))), Box::new(Tag(2, ms(10)))]);
+        let out = c.on_frame(Direction::Ingress, vec![], Instant::now());
+        assert_eq!(out.len(), 4);
+        assert!(out.iter().all(|(d, f)| *d == ms(11) && f == &[1, 2]));
+        let out = c.on_frame(Direction::Egress, vec![], Instant::now());
+        assert!(out.iter().all(|(_, f)| f == &[2, 1]));
+        assert!(
+            Chain(vec![Box::new(DropAll)])
+                .on_frame(Direction::Egress, vec![1], Instant::now())
+                .is_empty()
+        );
     }
 
     #[test]

@@ -5,11 +5,11 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
-use super::pool::{Lease, NakReason, Pool};
+use super::pool::{ClientKey, Lease, Pool};
 use super::pxe_options::{PxeVendorOptions, client_facts, no_pxedhcp};
 use super::reply_table::{ClientClass, ReplyShape, reply_shape};
 use super::wire::{DhcpPacket, MessageType, Op};
-use super::{DhcpConfig, DhcpMode};
+use super::{BootFileFields, DhcpConfig, DhcpMode};
 use crate::events::BootEvent;
 use crate::mac::MacAddr;
 use crate::policy::{self, ClientFacts, DhcpBoot, Policy, ServerAddrs};
@@ -76,13 +76,50 @@ pub struct Reply {
     pub payload: Vec<u8>,
 }
 
-/// A change to the lease database that must be durable before `reply` leaves.
+/// A change to the lease database that must be durable before `reply` leaves. The engine has
+/// already recorded it in its pool (so the next packet sees it); the driver holds the reply
+/// until the store says it is on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseChange {
-    /// A lease was granted or renewed.
+    /// A new lease (new client, or a new address for it).
     Commit(Lease),
-    /// A lease ended (release, decline).
-    Remove(Lease),
+    /// The same address again, with a later expiry.
+    Renew(Lease),
+    /// The client gave the address back (RFC 2131 4.3.4).
+    Release(Lease),
+    /// The client found the address in use (RFC 2131 4.3.3).
+    Decline(Lease),
+    /// The lease ran out.
+    Expire(Lease),
+}
+
+impl LeaseChange {
+    /// The lease concerned.
+    pub fn lease(&self) -> &Lease {
+        match self {
+            LeaseChange::Commit(l)
+            | LeaseChange::Renew(l)
+            | LeaseChange::Release(l)
+            | LeaseChange::Decline(l)
+            | LeaseChange::Expire(l) => l,
+        }
+    }
+
+    /// Whether the lease ends (the store deletes it) rather than being written.
+    pub fn ends(&self) -> bool {
+        !matches!(self, LeaseChange::Commit(_) | LeaseChange::Renew(_))
+    }
+
+    /// The word the lease hook gets as its first argument.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LeaseChange::Commit(_) => "commit",
+            LeaseChange::Renew(_) => "renew",
+            LeaseChange::Release(_) => "release",
+            LeaseChange::Decline(_) => "decline",
+            LeaseChange::Expire(_) => "expire",
+        }
+    }
 }
 
 /// Everything the engine decided about one packet.
@@ -140,7 +177,7 @@ impl DhcpEngine {
         http_port: u16,
         leases: Vec<Lease>,
     ) -> DhcpEngine {
-        let pool = Pool::new(config.subnet.clone(), leases);
+        let pool = Pool::with_reservations(config.subnet.clone(), &config.reservation, leases);
         DhcpEngine {
             config,
             policy,
@@ -154,16 +191,34 @@ impl DhcpEngine {
         self.policy = policy;
     }
 
+    /// Swap in a new `[dhcp]` section and policy (SIGHUP) without losing leases. The mode
+    /// and sockets stay as they were started.
+    pub fn reconfigure(&mut self, mut config: DhcpConfig, policy: Arc<Policy>) {
+        config.mode = self.config.mode;
+        config.port_4011 = self.config.port_4011;
+        self.pool
+            .reconfigure(config.subnet.clone(), &config.reservation);
+        self.config = config;
+        self.policy = policy;
+    }
+
+    /// The `[dhcp]` section in use.
+    pub fn config(&self) -> &DhcpConfig {
+        &self.config
+    }
+
+    /// End leases whose time is up; the driver makes the removals durable and runs the hook.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<LeaseChange> {
+        self.pool
+            .expire(now_ms / 1000)
+            .into_iter()
+            .map(LeaseChange::Expire)
+            .collect()
+    }
+
     /// The pool, for listing leases and the TFTP/HTTP MAC lookups.
     pub fn pool(&self) -> &Pool {
         &self.pool
-    }
-
-    /// Record a lease change once the store has made it durable.
-    pub fn apply(&mut self, change: &LeaseChange) {
-        if let LeaseChange::Commit(lease) = change {
-            self.pool.apply(lease.clone());
-        }
     }
 
     /// Decide the answer to one packet. Never panics; every packet that is not answered gets
@@ -183,7 +238,10 @@ impl DhcpEngine {
             tracing::debug!(src = %rx.src, htype = req.htype, hlen = req.hlen, "dropped: not Ethernet");
             return Outcome::default();
         };
-        let (facts, warnings) = client_facts(&req);
+        let (mut facts, warnings) = client_facts(&req);
+        if !self.config.arch_from_vendor_class && !req.options.contains(93) {
+            facts.arch_code = None;
+        }
         let mut ctx = Ctx {
             rx,
             req,
@@ -284,19 +342,26 @@ impl DhcpEngine {
     /// Full mode: RFC 2131 address assignment plus the same boot data as proxy mode.
     fn full(&mut self, mut ctx: Ctx<'_>, kind: MessageType) -> Outcome {
         let now = ctx.rx.now_ms / 1000;
-        let link = if ctx.req.giaddr.is_unspecified() {
-            ctx.rx.server_ip
-        } else {
-            ctx.req.giaddr
-        };
+        let link = link_address(&ctx.req, ctx.rx.server_ip);
         if self.pool.subnet_for(link).is_none() {
             return ctx.ignore(format!("no [[dhcp.subnet]] holds {link}"));
         }
+        // RFC 2131 4.3.3/4.3.4: DECLINE and RELEASE name the server they are for.
+        let for_other = ctx
+            .req
+            .options
+            .server_id()
+            .is_some_and(|sid| sid != ctx.rx.server_ip);
+        let client_id = ctx.req.options.client_id().map(<[u8]>::to_vec);
+        let who = ClientKey {
+            mac: ctx.mac,
+            client_id: client_id.as_deref(),
+        };
         match kind {
             MessageType::Discover => {
                 ctx.event(BootStage::DhcpDiscover, discover_detail(&ctx.facts));
                 let requested = ctx.req.options.requested_ip();
-                let Some(ip) = self.pool.offer(ctx.mac, link, requested, now) else {
+                let Some(ip) = self.pool.offer(&who, link, requested, now) else {
                     return ctx.ignore("pool exhausted: no free address to offer");
                 };
                 let Some(mut reply) = self.address_reply(&mut ctx, MessageType::Offer, link) else {
@@ -313,16 +378,26 @@ impl DhcpEngine {
                 let dest = client_destination(&ctx.req, ip);
                 self.finish(ctx, reply, dest, None)
             }
-            MessageType::Request => self.full_request(ctx, link, now),
+            MessageType::Request => self.full_request(ctx, link, &who, now),
+            MessageType::Decline | MessageType::Release if for_other => {
+                ctx.ignore(format!("{kind:?} for another server"))
+            }
             MessageType::Decline => {
                 let Some(ip) = ctx.req.options.requested_ip() else {
                     return ctx.ignore("DECLINE without a requested address");
                 };
+                // Only an address this client holds or was offered can be declined by it;
+                // anything else would let one client take addresses out of the pool.
+                let offered = self.pool.lease(&ctx.mac).is_some_and(|l| l.ip == ip)
+                    || self.pool.owner(ip).is_none();
+                if !offered {
+                    return ctx.ignore(format!("DECLINE of {ip}, which is not this client's"));
+                }
                 let removed = self.pool.decline(&ctx.mac, ip, now);
                 ctx.event(BootStage::DhcpDecline, format!("{ip} quarantined"));
                 Outcome {
                     events: ctx.events,
-                    lease: removed.map(LeaseChange::Remove),
+                    lease: removed.map(LeaseChange::Decline),
                     reply: None,
                 }
             }
@@ -332,7 +407,7 @@ impl DhcpEngine {
                 ctx.event(BootStage::DhcpRelease, ip.to_string());
                 Outcome {
                     events: ctx.events,
-                    lease: removed.map(LeaseChange::Remove),
+                    lease: removed.map(LeaseChange::Release),
                     reply: None,
                 }
             }
@@ -353,7 +428,13 @@ impl DhcpEngine {
     }
 
     /// RFC 2131 4.3.2: SELECTING, INIT-REBOOT, RENEWING and REBINDING.
-    fn full_request(&mut self, mut ctx: Ctx<'_>, link: Ipv4Addr, now: u64) -> Outcome {
+    fn full_request(
+        &mut self,
+        mut ctx: Ctx<'_>,
+        link: Ipv4Addr,
+        who: &ClientKey<'_>,
+        now: u64,
+    ) -> Outcome {
         let server_id = ctx.req.options.server_id();
         let requested = ctx.req.options.requested_ip();
         let (ip, state) = match (server_id, requested, ctx.req.ciaddr.is_unspecified()) {
@@ -363,7 +444,8 @@ impl DhcpEngine {
             }
             (Some(_), Some(ip), true) => (ip, "selecting"),
             (None, Some(ip), true) => (ip, "init-reboot"),
-            (None, _, false) => (ctx.req.ciaddr, "renewing"),
+            // RENEWING (unicast) and REBINDING (broadcast) look alike to the server.
+            (None, _, false) => (ctx.req.ciaddr, "renewing/rebinding"),
             _ => return ctx.ignore("REQUEST without a requested address or ciaddr"),
         };
         ctx.event(BootStage::DhcpRequest, format!("{ip} ({state})"));
@@ -373,8 +455,9 @@ impl DhcpEngine {
             .get(12)
             .and_then(|h| std::str::from_utf8(h).ok())
             .map(|h| h.trim_end_matches('\0').to_string());
-        match self.pool.prepare(ctx.mac, link, ip, hostname, now) {
+        match self.pool.prepare(who, link, ip, hostname, now) {
             Ok(lease) => {
+                let renew = self.pool.lease(&ctx.mac).is_some_and(|l| l.ip == lease.ip);
                 let Some(mut reply) = self.address_reply(&mut ctx, MessageType::Ack, link) else {
                     return Outcome {
                         events: ctx.events,
@@ -384,21 +467,30 @@ impl DhcpEngine {
                 reply.yiaddr = ip;
                 ctx.event(BootStage::DhcpAck, format!("{ip} {}", boot_detail(&reply)));
                 let dest = client_destination(&ctx.req, ip);
-                self.finish(ctx, reply, dest, Some(LeaseChange::Commit(lease)))
+                // Recorded now so that the next packet cannot be given this address; the
+                // ACK itself waits in the driver until the store has it on disk.
+                self.pool.apply(lease.clone());
+                let change = if renew {
+                    LeaseChange::Renew(lease)
+                } else {
+                    LeaseChange::Commit(lease)
+                };
+                self.finish(ctx, reply, dest, Some(change))
             }
             Err(reason) => {
-                // RFC 2131 4.3.2: INIT-REBOOT for an unknown address on a non-authoritative
-                // server must stay silent; pxed is authoritative on the subnets it serves.
-                if state == "init-reboot"
-                    && self.pool.lease(&ctx.mac).is_none()
-                    && matches!(reason, NakReason::WrongNetwork(_))
-                {
-                    return ctx.ignore(format!("init-reboot: {reason}"));
+                // RFC 2131 4.3.2: a server with no record of the client "MUST remain silent"
+                // on INIT-REBOOT and REBINDING unless it knows the address is wrong for the
+                // network. `authoritative` says pxed knows (it is the only server here); when
+                // off, pxed NAKs only clients whose lease it holds.
+                let known = self.pool.lease(&ctx.mac).is_some();
+                if !self.config.authoritative && !known && state != "selecting" {
+                    return ctx.ignore(format!("{state}: {reason} (not authoritative)"));
                 }
                 let mut nak = ctx.req.reply_skeleton();
                 nak.options.set(53, vec![6]);
                 nak.options.set(54, ctx.rx.server_ip.octets().to_vec());
                 nak.options.set(56, reason.to_string().into_bytes());
+                echo_relay_info(&ctx.req, &mut nak);
                 ctx.event(BootStage::DhcpNak, reason.to_string());
                 // RFC 2131 4.1: NAKs are broadcast unless relayed.
                 let dest = if ctx.req.giaddr.is_unspecified() {
@@ -439,6 +531,26 @@ impl DhcpEngine {
         if let Some(domain) = &subnet.domain {
             reply.options.set(15, domain.as_bytes().to_vec());
         }
+        if let Some(mtu) = subnet.mtu {
+            reply.options.set(26, mtu.to_be_bytes().to_vec());
+        }
+        if !subnet.ntp.is_empty() {
+            reply
+                .options
+                .set(42, subnet.ntp.iter().flat_map(|d| d.octets()).collect());
+        }
+        if !subnet.search.is_empty() {
+            reply.options.set(119, encode_search_list(&subnet.search));
+        }
+        if !subnet.route.is_empty() {
+            reply.options.set(121, encode_routes(subnet));
+        }
+        for raw in &subnet.option {
+            // Validated at load: a bad value cannot reach here, but never panic on it.
+            if let Ok(value) = raw.value() {
+                reply.options.set(raw.code, value);
+            }
+        }
         // RFC 2131 4.3.5: an INFORM reply carries no lease time.
         if ctx.req.message_type() != Some(MessageType::Inform) {
             let secs = u32::try_from(subnet.lease_time.as_secs()).unwrap_or(u32::MAX);
@@ -447,13 +559,23 @@ impl DhcpEngine {
             reply.options.set(58, (secs / 2).to_be_bytes().to_vec());
             reply.options.set(59, (secs / 8 * 7).to_be_bytes().to_vec());
         }
-        if let Some(name) = self
-            .policy
-            .machine(&ctx.mac)
-            .and_then(|m| m.hostname.clone())
-        {
+        let client_id = ctx.req.options.client_id().map(<[u8]>::to_vec);
+        let who = ClientKey {
+            mac: ctx.mac,
+            client_id: client_id.as_deref(),
+        };
+        let reserved_name = self
+            .pool
+            .reservation(&who)
+            .and_then(|(_, n)| n.map(str::to_string));
+        if let Some(name) = reserved_name.or_else(|| {
+            self.policy
+                .machine(&ctx.mac)
+                .and_then(|m| m.hostname.clone())
+        }) {
             reply.options.set(12, name.into_bytes());
         }
+        echo_relay_info(&ctx.req, &mut reply);
         Some(reply)
     }
 
@@ -484,8 +606,36 @@ impl DhcpEngine {
         reply.options.set(53, vec![reply_type.code()]);
         reply.options.set(54, ctx.rx.server_ip.octets().to_vec());
         apply_boot(&mut reply, &ctx.req, ctx.rx.server_ip, &file, &shape);
+        self.apply_compat(&mut reply, &file);
         tracing::debug!(mac = %ctx.mac, ?class, profile = %plan.profile, reason = %plan.reason, file, "boot plan");
         Some(reply)
+    }
+
+    /// The compatibility settings turned off (firmware-quirks.md Q1-Q3): only to reproduce a
+    /// server that does not compensate. With the defaults this changes nothing.
+    fn apply_compat(&self, reply: &mut DhcpPacket, file: &str) {
+        if !self.config.pxe_vendor_option {
+            reply.options.remove(60);
+        }
+        if !self.config.discovery_control {
+            reply.options.remove(43);
+        }
+        match self.config.boot_file {
+            BootFileFields::Auto => {}
+            BootFileFields::Header => {
+                if file.len() <= FILE_FIELD_MAX {
+                    reply.options.remove(66);
+                    reply.options.remove(67);
+                }
+            }
+            BootFileFields::Options => {
+                reply.options.set(66, reply.siaddr.to_string().into_bytes());
+                reply.options.set(67, file.as_bytes().to_vec());
+                reply.siaddr = Ipv4Addr::UNSPECIFIED;
+                reply.sname = Vec::new();
+                reply.file = Vec::new();
+            }
+        }
     }
 
     fn finish(
@@ -551,6 +701,91 @@ fn apply_boot(
     if let Some(uuid) = req.options.get(97) {
         reply.options.set(97, uuid.to_vec());
     }
+}
+
+/// The address that picks the subnet: RFC 3011 subnet selection (option 118), else RFC 3527
+/// link selection (option 82 sub-option 5), else the relay's giaddr, else pxed's own address on
+/// the interface the request came in on.
+fn link_address(req: &DhcpPacket, server_ip: Ipv4Addr) -> Ipv4Addr {
+    if let Some(ip) = req.options.get_ip(118) {
+        return ip;
+    }
+    if let Some(ip) = req
+        .options
+        .get(82)
+        .and_then(|v| relay_suboption(v, 5))
+        .and_then(|v| <[u8; 4]>::try_from(v).ok().map(Ipv4Addr::from))
+    {
+        return ip;
+    }
+    if req.giaddr.is_unspecified() {
+        server_ip
+    } else {
+        req.giaddr
+    }
+}
+
+/// One sub-option of the relay agent information option (RFC 3046 2.0: code, length, value).
+fn relay_suboption(value: &[u8], code: u8) -> Option<&[u8]> {
+    let mut rest = value;
+    while let [c, len, tail @ ..] = rest {
+        let body = tail.get(..usize::from(*len))?;
+        if *c == code {
+            return Some(body);
+        }
+        rest = tail.get(usize::from(*len)..)?;
+    }
+    None
+}
+
+/// RFC 3046 2.2: the server copies the relay agent information option into its reply.
+fn echo_relay_info(req: &DhcpPacket, reply: &mut DhcpPacket) {
+    if let Some(info) = req.options.get(82) {
+        reply.options.set(82, info.to_vec());
+    }
+}
+
+/// Option 119 (RFC 3397): the names in DNS wire format (RFC 1035 3.1), uncompressed, which
+/// RFC 3397 section 2 allows. Labels were checked (1..=63 bytes) when the config was loaded.
+fn encode_search_list(names: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for name in names {
+        for label in name
+            .trim_end_matches('.')
+            .split('.')
+            .filter(|l| !l.is_empty())
+        {
+            let bytes = label.as_bytes();
+            let len = u8::try_from(bytes.len()).unwrap_or(63).min(63);
+            out.push(len);
+            out.extend_from_slice(bytes.get(..usize::from(len)).unwrap_or(bytes));
+        }
+        out.push(0);
+    }
+    out
+}
+
+/// Option 121 (RFC 3442): prefix length, the significant octets of the destination, router.
+/// RFC 3442 says a client that gets option 121 ignores option 3, so the subnet's router is
+/// added as the default route unless the config gives one.
+fn encode_routes(subnet: &super::SubnetConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut push = |network: Ipv4Addr, prefix: u8, gateway: Ipv4Addr| {
+        let prefix = prefix.min(32);
+        out.push(prefix);
+        let significant = usize::from(prefix.div_ceil(8));
+        out.extend(network.octets().iter().take(significant));
+        out.extend_from_slice(&gateway.octets());
+    };
+    for r in &subnet.route {
+        push(r.network, r.prefix_len, r.gateway);
+    }
+    if let Some(router) = subnet.router
+        && !subnet.route.iter().any(|r| r.prefix_len == 0)
+    {
+        push(Ipv4Addr::UNSPECIFIED, 0, router);
+    }
+    out
 }
 
 /// RFC 2131 4.1: relayed -> the relay's server port; ciaddr set -> unicast to it; broadcast

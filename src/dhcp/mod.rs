@@ -5,9 +5,12 @@ pub mod pxe_options;
 pub mod wire;
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::mac::MacAddr;
 
 pub mod engine;
 pub mod pool;
@@ -41,6 +44,45 @@ pub struct DhcpConfig {
     /// "no router here" advertisement, ending iPXE's IPv6 wait (see `ipv6_ra`). Default: on in
     /// full mode, off in proxy mode.
     pub end_ipv6_wait: Option<bool>,
+    /// `[[dhcp.reservation]]`: fixed addresses by MAC or client identifier (full mode).
+    pub reservation: Vec<ReservationConfig>,
+    /// Whether pxed is the authority on its subnets (RFC 2131 4.3.2): NAK a REQUEST for an
+    /// address it has no lease for (true), or stay silent and let the client fall back to
+    /// DISCOVER (false: safer beside another server, or after losing the lease store).
+    pub authoritative: bool,
+    /// A command run after each lease change is durable (`commit`, `renew`, `release`,
+    /// `decline`, `expire` as its first argument, the lease as JSON on stdin).
+    pub lease_hook: Option<PathBuf>,
+    /// How many lease changes one disk sync may carry (group commit); bounds memory and the
+    /// latency of the last reply in a batch.
+    pub max_commit_batch: usize,
+    /// Compatibility (firmware-quirks.md Q3): put option 60 `PXEClient`/`HTTPClient` in PXE
+    /// replies. Spec ROMs and EDK2 ignore or retry past offers without it. Default on; turn it
+    /// off only to reproduce a server that omits it (the lab's quirk checks do).
+    pub pxe_vendor_option: bool,
+    /// Compatibility (Q2): send option 43 discovery control `{6: 8}` where the reply table
+    /// says so. Default on; off reproduces a server without PXE vendor options.
+    pub discovery_control: bool,
+    /// Compatibility (Q1): where the boot file goes. Default `auto`.
+    pub boot_file: BootFileFields,
+    /// Compatibility (Q5): when option 93 is missing, take the architecture from the `Arch:`
+    /// digits of option 60 (ipxe #1527, firmware that omits 93). Default on; off reproduces a
+    /// server that reads only option 93 and treats the client as BIOS.
+    pub arch_from_vendor_class: bool,
+}
+
+/// Where a PXE reply carries the boot file (firmware-quirks.md Q1).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BootFileFields {
+    /// Header `siaddr`/`sname`/`file` always, options 66/67 when the client asks for them in
+    /// option 55 (what dnsmasq does, and what every firmware we know reads).
+    #[default]
+    Auto,
+    /// Only the header fields (an old BOOTP-style server): clients that read only 66/67 fail.
+    Header,
+    /// Only options 66/67 (a router-style server): clients that read only the header fail.
+    Options,
 }
 
 impl Default for DhcpConfig {
@@ -50,6 +92,92 @@ impl Default for DhcpConfig {
             port_4011: true,
             subnet: Vec::new(),
             end_ipv6_wait: None,
+            reservation: Vec::new(),
+            authoritative: true,
+            lease_hook: None,
+            max_commit_batch: DEFAULT_COMMIT_BATCH,
+            pxe_vendor_option: true,
+            discovery_control: true,
+            boot_file: BootFileFields::Auto,
+            arch_from_vendor_class: true,
+        }
+    }
+}
+
+/// Default limit of lease changes per sync: at 1 ms per fdatasync this allows millions of
+/// leases per second, far past what one socket delivers, while keeping a batch small in memory.
+pub const DEFAULT_COMMIT_BATCH: usize = 1024;
+
+/// `[[dhcp.reservation]]`: a fixed address for one machine. Matched by MAC, or by client
+/// identifier (option 61) for clients that must be told apart by it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationConfig {
+    /// Hardware address.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Client identifier (option 61) as hex, e.g. `01:52:54:00:12:34:56` or `ff00...`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The address (may lie outside the dynamic pool, but inside a subnet).
+    pub ip: Ipv4Addr,
+    /// Hostname to give (option 12).
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+impl ReservationConfig {
+    /// The client identifier as bytes, if one is given and valid hex.
+    pub fn client_id_bytes(&self) -> Option<Vec<u8>> {
+        let text: String = self
+            .client_id
+            .as_deref()?
+            .chars()
+            .filter(|c| !matches!(c, ':' | '-'))
+            .collect();
+        hex::decode(text).ok()
+    }
+}
+
+/// `[[dhcp.subnet.route]]`: a classless static route (option 121, RFC 3442).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Destination network address.
+    pub network: Ipv4Addr,
+    /// Destination prefix length (0..=32).
+    pub prefix_len: u8,
+    /// Next hop.
+    pub gateway: Ipv4Addr,
+}
+
+/// `[[dhcp.subnet.option]]`: any option by code, as hex bytes or text.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawOption {
+    /// Option code (1..=254).
+    pub code: u8,
+    /// Value as hex (`0a000001`, colons allowed).
+    #[serde(default)]
+    pub hex: Option<String>,
+    /// Value as text.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl RawOption {
+    /// The option's value bytes.
+    pub fn value(&self) -> Result<Vec<u8>, String> {
+        match (&self.hex, &self.text) {
+            (Some(h), None) => {
+                let clean: String = h.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
+                hex::decode(clean).map_err(|e| format!("option {}: bad hex: {e}", self.code))
+            }
+            (None, Some(t)) => Ok(t.as_bytes().to_vec()),
+            _ => Err(format!(
+                "option {}: give exactly one of `hex` or `text`",
+                self.code
+            )),
         }
     }
 }
@@ -78,6 +206,21 @@ pub struct SubnetConfig {
     /// Lease time.
     #[serde(default = "default_lease_time", with = "humantime_serde")]
     pub lease_time: Duration,
+    /// Domain search list (option 119, RFC 3397).
+    #[serde(default)]
+    pub search: Vec<String>,
+    /// Classless static routes (option 121, RFC 3442).
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+    /// NTP servers (option 42).
+    #[serde(default)]
+    pub ntp: Vec<Ipv4Addr>,
+    /// Interface MTU (option 26).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Any further option by code.
+    #[serde(default)]
+    pub option: Vec<RawOption>,
 }
 
 fn default_lease_time() -> Duration {
@@ -127,6 +270,42 @@ impl DhcpConfig {
                     ));
                 }
             }
+            for name in &s.search {
+                // RFC 1035 2.3.4: labels of 1..=63 octets.
+                if name
+                    .trim_end_matches('.')
+                    .split('.')
+                    .any(|l| l.is_empty() || l.len() > 63)
+                {
+                    return Err(format!("search domain `{name}`: bad label"));
+                }
+            }
+            for r in &s.route {
+                if r.prefix_len > 32 {
+                    return Err(format!(
+                        "route {}/{}: prefix too long",
+                        r.network, r.prefix_len
+                    ));
+                }
+            }
+            if s.mtu.is_some_and(|m| m < MIN_MTU) {
+                return Err(format!(
+                    "subnet {}/{}: mtu below {MIN_MTU} (RFC 2132 5.1)",
+                    s.network, s.prefix_len
+                ));
+            }
+            for o in &s.option {
+                let v = o.value()?;
+                if o.code == 0 || o.code == 255 {
+                    return Err(format!(
+                        "option {}: codes 0 and 255 are not options",
+                        o.code
+                    ));
+                }
+                if v.is_empty() {
+                    return Err(format!("option {}: empty value", o.code));
+                }
+            }
             if u32::from(s.pool_start) > u32::from(s.pool_end) {
                 return Err(format!(
                     "subnet {}/{}: pool_start {} is after pool_end {}",
@@ -134,6 +313,23 @@ impl DhcpConfig {
                 ));
             }
         }
+        for r in &self.reservation {
+            if r.mac.is_none() && r.client_id.is_none() {
+                return Err(format!("reservation {}: give `mac` or `client_id`", r.ip));
+            }
+            if r.client_id.is_some() && r.client_id_bytes().is_none() {
+                return Err(format!("reservation {}: client_id is not hex", r.ip));
+            }
+            if !self.subnet.iter().any(|s| s.contains(r.ip)) {
+                return Err(format!("reservation {}: in no [[dhcp.subnet]]", r.ip));
+            }
+        }
+        if self.max_commit_batch == 0 {
+            return Err("max_commit_batch must be at least 1".into());
+        }
         Ok(())
     }
 }
+
+/// The smallest MTU option 26 may carry (RFC 2132 section 5.1).
+const MIN_MTU: u16 = 68;

@@ -1,5 +1,11 @@
 //! The DHCP socket driver: receives on 67 (and 4011), runs the engine, makes lease changes
-//! durable, then sends the reply where RFC 2131 4.1 says. Thin: every decision is the engine's.
+//! durable, then sends the replies where RFC 2131 4.1 says. Thin: every decision is the
+//! engine's.
+//!
+//! Group commit: lease changes of packets that arrive while a sync is in flight are collected
+//! and written in the next transaction, so one fdatasync covers many leases. Replies that
+//! carry a lease (ACKs) are held with their batch and sent only after its commit returned;
+//! replies that carry none (OFFER, NAK, INFORM, 4011) go out at once.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
@@ -7,11 +13,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
 
-use super::engine::{CLIENT_PORT, Destination, DhcpEngine, PXE_PORT, Port, Received, SERVER_PORT};
-use super::wire::{DhcpPacket, MessageType, Op};
-use crate::events::EventBus;
-use crate::leases::LeaseStore;
+use super::engine::{
+    CLIENT_PORT, Destination, DhcpEngine, LeaseChange, Outcome, PXE_PORT, Port, Received,
+    SERVER_PORT,
+};
+use super::wire::{DhcpPacket, MessageType};
+use crate::events::{BootEvent, EventBus};
+use crate::leases::hook::LeaseHook;
+use crate::leases::{LeaseStore, StoreError};
 use crate::mac::MacAddr;
 use crate::net;
 
@@ -23,6 +34,11 @@ const CHADDR_OFFSET: usize = 28;
 
 /// The largest datagram read; DHCP messages are far smaller (RFC 2131 allows up to the MTU).
 const RECV_BUFFER: usize = 4096;
+/// Kernel receive buffer for port 67: a boot storm arrives faster than one sync; the Linux
+/// default (208 KiB, about 600 requests) drops packets before pxed reads them.
+const SOCKET_RCVBUF: usize = 4 << 20;
+/// How often leases are checked for expiry.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
 /// What the driver needs to run.
 pub struct DhcpServer {
@@ -38,6 +54,10 @@ pub struct DhcpServer {
     pub server_ip: Ipv4Addr,
     /// Also listen on 4011.
     pub port_4011: bool,
+    /// The lease hook, if configured.
+    pub hook: Option<LeaseHook>,
+    /// Most lease changes per commit.
+    pub max_batch: usize,
 }
 
 fn now_ms() -> u64 {
@@ -46,14 +66,28 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Replies and events waiting for their leases to be durable.
+#[derive(Default)]
+struct Batch {
+    changes: Vec<LeaseChange>,
+    replies: Vec<(Port, Destination, Vec<u8>)>,
+    events: Vec<BootEvent>,
+}
+
+type Commit = JoinHandle<(Result<(), StoreError>, Batch)>;
+
 impl DhcpServer {
     /// Bind the sockets (so that errors show at start) and return the running future.
     pub fn bind(self) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
         let iface = self.interface.as_deref();
-        let main = UdpSocket::from_std(net::udp_socket(
+        let main_std = net::udp_socket(
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, SERVER_PORT)),
             iface,
-        )?)?;
+        )?;
+        if let Err(err) = socket2::SockRef::from(&main_std).set_recv_buffer_size(SOCKET_RCVBUF) {
+            tracing::debug!(%err, "cannot enlarge the DHCP receive buffer");
+        }
+        let main = UdpSocket::from_std(main_std)?;
         let pxe = if self.port_4011 {
             Some(UdpSocket::from_std(net::udp_socket(
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, PXE_PORT)),
@@ -68,72 +102,132 @@ impl DhcpServer {
     async fn run(self, main: UdpSocket, pxe: Option<UdpSocket>) -> anyhow::Result<()> {
         let mut buf_main = vec![0u8; RECV_BUFFER];
         let mut buf_pxe = vec![0u8; RECV_BUFFER];
+        let mut next = Batch::default();
+        let mut inflight: Option<Commit> = None;
+        let mut tick = tokio::time::interval(EXPIRY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let (port, len, src) = tokio::select! {
-                r = main.recv_from(&mut buf_main) => {
+            let room = next.changes.len() < self.max_batch;
+            tokio::select! {
+                r = main.recv_from(&mut buf_main), if room => {
                     let (len, src) = r.context("receiving on port 67")?;
-                    (Port::Dhcp, len, src)
+                    self.receive(&main, &pxe, Port::Dhcp, buf_main.get(..len), src, &mut next).await?;
+                    // Take what else is queued now, so that it shares the next sync.
+                    while next.changes.len() < self.max_batch {
+                        match main.try_recv_from(&mut buf_main) {
+                            Ok((len, src)) => {
+                                self.receive(&main, &pxe, Port::Dhcp, buf_main.get(..len), src, &mut next).await?;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e).context("receiving on port 67"),
+                        }
+                    }
                 }
                 r = async {
                     match &pxe {
                         Some(s) => s.recv_from(&mut buf_pxe).await,
                         None => std::future::pending().await,
                     }
-                } => {
+                }, if room => {
                     let (len, src) = r.context("receiving on port 4011")?;
-                    (Port::BootServer, len, src)
+                    self.receive(&main, &pxe, Port::BootServer, buf_pxe.get(..len), src, &mut next).await?;
                 }
-            };
-            let SocketAddr::V4(src) = src else { continue };
-            let payload = match port {
-                Port::Dhcp => buf_main.get(..len),
-                Port::BootServer => buf_pxe.get(..len),
-            };
-            let Some(payload) = payload else { continue };
-            if payload.get(CHADDR_OFFSET..CHADDR_OFFSET + PROBE_MAC.len()) == Some(&PROBE_MAC[..]) {
-                continue;
-            }
-            let rx = Received {
-                payload,
-                src,
-                port,
-                server_ip: self.server_ip,
-                now_ms: now_ms(),
-            };
-            let outcome = match self.engine.lock() {
-                Ok(mut engine) => engine.handle(&rx),
-                Err(_) => anyhow::bail!("DHCP engine lock poisoned"),
-            };
-            // Durable before the reply leaves: a client must never use a lease a crash loses.
-            if let Some(change) = &outcome.lease {
-                let store = self.store.clone();
-                let batch = [change.clone()];
-                let committed = tokio::task::spawn_blocking(move || store.commit(&batch)).await;
-                match committed {
-                    Ok(Ok(())) => {
-                        if let Ok(mut engine) = self.engine.lock() {
-                            engine.apply(change);
+                done = async {
+                    match inflight.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    inflight = None;
+                    match done {
+                        Ok((Ok(()), batch)) => self.release(&main, &pxe, batch).await,
+                        Ok((Err(err), batch)) => {
+                            // No ACK for a lease that is not on disk: the clients retry.
+                            tracing::error!(%err, held = batch.replies.len(), "lease commit failed; replies dropped");
                         }
-                    }
-                    Ok(Err(err)) => {
-                        tracing::error!(%err, "lease not stored; not answering");
-                        continue;
-                    }
-                    Err(err) => {
-                        tracing::error!(%err, "lease commit task failed; not answering");
-                        continue;
+                        Err(err) => anyhow::bail!("lease commit task failed: {err}"),
                     }
                 }
+                _ = tick.tick() => {
+                    let expired = match self.engine.lock() {
+                        Ok(mut engine) => engine.tick(now_ms()),
+                        Err(_) => anyhow::bail!("DHCP engine lock poisoned"),
+                    };
+                    next.changes.extend(expired);
+                }
             }
-            for event in outcome.events {
-                self.events.publish(event);
+            if inflight.is_none() && !next.changes.is_empty() {
+                let batch = std::mem::take(&mut next);
+                let store = self.store.clone();
+                inflight = Some(tokio::task::spawn_blocking(move || {
+                    let result = store.commit(&batch.changes);
+                    (result, batch)
+                }));
             }
-            if let Some(reply) = outcome.reply {
-                let sock = match port {
-                    Port::Dhcp => &main,
-                    Port::BootServer => pxe.as_ref().unwrap_or(&main),
-                };
-                self.send(sock, reply.dest, &reply.payload).await;
+        }
+    }
+
+    /// Run one packet through the engine; send a reply that needs no lease now, hold one that
+    /// does in the next batch.
+    async fn receive(
+        &self,
+        main: &UdpSocket,
+        pxe: &Option<UdpSocket>,
+        port: Port,
+        payload: Option<&[u8]>,
+        src: SocketAddr,
+        next: &mut Batch,
+    ) -> anyhow::Result<()> {
+        let (Some(payload), SocketAddr::V4(src)) = (payload, src) else {
+            return Ok(());
+        };
+        if payload.get(CHADDR_OFFSET..CHADDR_OFFSET + PROBE_MAC.len()) == Some(&PROBE_MAC[..]) {
+            return Ok(());
+        }
+        let rx = Received {
+            payload,
+            src,
+            port,
+            server_ip: self.server_ip,
+            now_ms: now_ms(),
+        };
+        let outcome: Outcome = match self.engine.lock() {
+            Ok(mut engine) => engine.handle(&rx),
+            Err(_) => anyhow::bail!("DHCP engine lock poisoned"),
+        };
+        match outcome.lease {
+            Some(change) => {
+                next.changes.push(change);
+                next.events.extend(outcome.events);
+                if let Some(reply) = outcome.reply {
+                    next.replies.push((port, reply.dest, reply.payload));
+                }
+            }
+            None => {
+                for event in outcome.events {
+                    self.events.publish(event);
+                }
+                if let Some(reply) = outcome.reply {
+                    self.send(socket_for(main, pxe, port), reply.dest, &reply.payload)
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch is durable: send its replies, publish its events, run the hook.
+    async fn release(&self, main: &UdpSocket, pxe: &Option<UdpSocket>, batch: Batch) {
+        for (port, dest, payload) in &batch.replies {
+            self.send(socket_for(main, pxe, *port), *dest, payload)
+                .await;
+        }
+        for event in batch.events {
+            self.events.publish(event);
+        }
+        if let Some(hook) = &self.hook {
+            for change in &batch.changes {
+                hook.notify(change);
             }
         }
     }
@@ -167,6 +261,13 @@ impl DhcpServer {
     }
 }
 
+fn socket_for<'a>(main: &'a UdpSocket, pxe: &'a Option<UdpSocket>, port: Port) -> &'a UdpSocket {
+    match port {
+        Port::Dhcp => main,
+        Port::BootServer => pxe.as_ref().unwrap_or(main),
+    }
+}
+
 /// Another DHCP server seen on the link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForeignServer {
@@ -191,25 +292,8 @@ pub async fn find_other_servers(
         Some(interface),
     )?)?;
     let xid = (now_ms() as u32) ^ 0x7078_6564;
-    let mut chaddr = [0u8; 16];
-    chaddr[..6].copy_from_slice(&PROBE_MAC);
-    let mut probe = DhcpPacket {
-        op: Op::Request,
-        htype: 1,
-        hlen: 6,
-        hops: 0,
-        xid,
-        secs: 0,
-        flags: 0x8000,
-        ciaddr: Ipv4Addr::UNSPECIFIED,
-        yiaddr: Ipv4Addr::UNSPECIFIED,
-        siaddr: Ipv4Addr::UNSPECIFIED,
-        giaddr: Ipv4Addr::UNSPECIFIED,
-        chaddr,
-        sname: Vec::new(),
-        file: Vec::new(),
-        options: Default::default(),
-    };
+    let mut probe = DhcpPacket::client_request(xid, MacAddr(PROBE_MAC));
+    probe.flags = 0x8000;
     probe.options.set(53, vec![1]);
     probe.options.set(55, vec![1, 3, 6, 54, 60, 66, 67]);
     sock.send_to(

@@ -806,6 +806,33 @@ impl DhcpPacket {
         self.flags & BROADCAST_FLAG != 0
     }
 
+    /// A client's request from an Ethernet `mac` with transaction id `xid`: op Request,
+    /// htype 1, hlen 6, every address, flag and field zero and no options (the caller adds
+    /// them). What pxed's own probe for other servers and test clients start from.
+    pub fn client_request(xid: u32, mac: MacAddr) -> DhcpPacket {
+        let mut chaddr = [0u8; 16];
+        for (slot, byte) in chaddr.iter_mut().zip(mac.0) {
+            *slot = byte;
+        }
+        DhcpPacket {
+            op: Op::Request,
+            htype: 1,
+            hlen: 6,
+            hops: 0,
+            xid,
+            secs: 0,
+            flags: 0,
+            ciaddr: Ipv4Addr::UNSPECIFIED,
+            yiaddr: Ipv4Addr::UNSPECIFIED,
+            siaddr: Ipv4Addr::UNSPECIFIED,
+            giaddr: Ipv4Addr::UNSPECIFIED,
+            chaddr,
+            sname: Vec::new(),
+            file: Vec::new(),
+            options: DhcpOptions::default(),
+        }
+    }
+
     /// A reply skeleton: op Reply, same htype/hlen/xid/giaddr/chaddr, flags reduced to the
     /// broadcast bit (RFC 2131 4.1: reserved bits must be zero), hops 0, everything else empty.
     pub fn reply_skeleton(&self) -> DhcpPacket {

@@ -98,7 +98,9 @@ pub fn os_stage(name: &str) -> Result<(BootStage, Option<String>), String> {
 }
 
 /// `GET|POST /api/phone-home`: fields `mac` (else the client IP lookup), `stage` (default
-/// `os.phone-home`), optional `detail`; from the query, a form body or a JSON body.
+/// `os.phone-home`), optional `detail`, and `profile` + `token` from the boot's script (needed
+/// with `[http] require_token`); from the query, a form body or a JSON body. A stage that
+/// completes a one-shot profile is stored before the reply: the next boot is local.
 pub async fn phone_home(
     State(state): State<Arc<HttpState>>,
     Query(q): Query<HashMap<String, String>>,
@@ -120,11 +122,54 @@ pub async fn phone_home(
             "no valid `mac` and the client IP is unknown",
         );
     };
+    // A token, when given, must be this machine's; with `require_token` one must be given.
+    match (f.get("token"), f.get("profile")) {
+        (Some(token), Some(profile)) if state.secret.verify(token, mac, profile).is_some() => {}
+        (None, _) if !state.config.require_token => {}
+        (given, _) => {
+            let what = if given.is_some() { "bad" } else { "missing" };
+            state.events.emit(
+                mac,
+                BootStage::HttpError,
+                format!("phone-home refused: {what} boot token"),
+            );
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("{what} boot token: use the phone-home URL from this boot's script"),
+            );
+        }
+    }
     let stage_name = f.get("stage").map_or("os.phone-home", String::as_str);
     let (stage, custom) = match os_stage(stage_name) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    let one_shot = {
+        let policy = match state.policy.read() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        policy.is_one_shot_stage(stage_name)
+    };
+    let mut remembered = false;
+    if one_shot {
+        let store = state.boot_states.clone();
+        let name = stage_name.to_string();
+        match tokio::task::spawn_blocking(move || store.record(mac, &name)).await {
+            Ok(Ok(_)) => remembered = true,
+            Ok(Err(e)) => {
+                tracing::error!(%mac, "cannot store boot state: {e}");
+                state.events.emit(
+                    mac,
+                    BootStage::HttpError,
+                    format!("phone-home {stage_name}: cannot store boot state: {e}"),
+                );
+                // The client retries; the stage must not be lost.
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot store boot state");
+            }
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
     let mut detail = custom.unwrap_or_default();
     if let Some(d) = f.get("detail") {
         if !detail.is_empty() {
@@ -138,8 +183,12 @@ pub async fn phone_home(
         }
         detail.push_str(&format!("from {ip}"));
     }
+    if remembered {
+        detail.push_str("; one-shot done: next boot is local");
+    }
     state.events.emit(mac, stage, detail);
-    Json(serde_json::json!({ "ok": true, "mac": mac, "stage": stage })).into_response()
+    Json(serde_json::json!({ "ok": true, "mac": mac, "stage": stage, "one_shot_done": remembered }))
+        .into_response()
 }
 
 /// One machine in the API.
@@ -181,6 +230,35 @@ pub async fn machine(State(state): State<Arc<HttpState>>, Path(mac): Path<String
         return error(StatusCode::NOT_FOUND, "machine not seen");
     }
     Json(view(&state, mac)).into_response()
+}
+
+/// `GET /api/machines/{mac}/state`: the remembered one-shot stages.
+pub async fn boot_state(State(state): State<Arc<HttpState>>, Path(mac): Path<String>) -> Response {
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return error(StatusCode::BAD_REQUEST, "not a MAC address");
+    };
+    Json(state.boot_states.get(&mac)).into_response()
+}
+
+/// `DELETE /api/machines/{mac}/state`: forget the one-shot stages, so the machine installs
+/// again on its next boot. Needs the bearer token when `api_token` is set.
+pub async fn clear_boot_state(
+    State(state): State<Arc<HttpState>>,
+    Path(mac): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = authorize(&state, &headers) {
+        return *resp;
+    }
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return error(StatusCode::BAD_REQUEST, "not a MAC address");
+    };
+    let store = state.boot_states.clone();
+    match tokio::task::spawn_blocking(move || store.clear(&mac)).await {
+        Ok(Ok(existed)) => Json(serde_json::json!({ "cleared": existed })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Resolves when shutdown starts; never when the state has no live shutdown sender.

@@ -40,7 +40,7 @@ const INITRD_FALLBACK_NAME: &str = "initrd";
 /// Characters left as they are in a path segment: RFC 3986 section 2.3 unreserved characters.
 /// Everything else (spaces, `$`, `#`, `?`, `%`, non-ASCII) is percent-encoded, so a generated URL
 /// is always one iPXE token and never expands a setting.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+pub(crate) const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')

@@ -17,15 +17,23 @@
 
 pub mod api;
 pub mod assets;
+pub mod boot_state;
 pub mod ipxe;
+pub mod limits;
 pub mod server;
+pub mod templates;
+pub mod tls;
+pub mod token;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub use boot_state::{BootStateStore, FileBootStates, MemoryBootStates};
 pub use ipxe::{entry_script, render_script, try_render_script};
 pub use server::{HttpState, MacLookup, router, serve};
+pub use token::Secret;
 
 /// `[http]`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -40,6 +48,22 @@ pub struct HttpConfig {
     /// Bearer token required by mutating API endpoints (`POST /api/events`). Phone-home does
     /// not need it: a booted test OS has no way to know it.
     pub api_token: Option<String>,
+    /// Template and phone-home requests must carry a valid per-boot token (see [`token`]), and
+    /// a token is only issued to a client whose MAC pxed can confirm from its IP (lease or ARP
+    /// table). Off: tokens are still generated and checked when given, but not required.
+    pub require_token: bool,
+    /// PEM certificate chain: with `tls_key`, the API and dashboard are also served over HTTPS
+    /// on `tls_port` (boot assets stay on plain HTTP: iPXE has no CA that trusts us).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// HTTPS port.
+    pub tls_port: u16,
+    /// Most connections open at once, all clients together (each costs a task and buffers).
+    pub max_connections: usize,
+    /// Most connections open at once from one client IP (a whole lab booting behind one NAT
+    /// needs more; one machine needs a few).
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for HttpConfig {
@@ -49,6 +73,12 @@ impl Default for HttpConfig {
             port: 8080,
             bind: None,
             api_token: None,
+            require_token: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_port: 8443,
+            max_connections: limits::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
         }
     }
 }

@@ -20,10 +20,14 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use super::HttpConfig;
+use super::boot_state::{BootStateStore, MemoryBootStates};
+use super::limits::{ClientAddr, ConnLimits, LimitedListener};
+use super::templates::{self, TemplateFacts};
+use super::token::Secret;
 use super::{api, assets, ipxe};
 use crate::events::{BootEvent, EventBus};
 use crate::mac::MacAddr;
-use crate::policy::{BootTarget, ClientArch, ClientFacts, Policy, ServerAddrs};
+use crate::policy::{BootPlan, BootTarget, ClientArch, ClientFacts, Policy, ServerAddrs};
 use crate::stage::BootStage;
 
 pub use crate::mac::MacLookup;
@@ -50,12 +54,20 @@ pub struct HttpState {
     pub mac_lookup: MacLookup,
     /// `[http]`.
     pub config: HttpConfig,
+    /// Key of the per-boot tokens.
+    pub secret: Arc<Secret>,
+    /// One-shot boot state.
+    pub boot_states: Arc<dyn BootStateStore>,
+    /// Connection caps, shared by the HTTP and HTTPS listeners.
+    pub limits: ConnLimits,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
 impl HttpState {
-    /// State with no IP-to-MAC lookup (see [`HttpState::with_mac_lookup`]).
+    /// State with no IP-to-MAC lookup (see [`HttpState::with_mac_lookup`]), a random token
+    /// secret ([`HttpState::with_secret`]) and boot state kept in memory
+    /// ([`HttpState::with_boot_states`]).
     pub fn new(
         root: PathBuf,
         policy: Arc<RwLock<Policy>>,
@@ -65,6 +77,13 @@ impl HttpState {
     ) -> Self {
         // A sender that is never used: streams only end on shutdown when `serve` replaces it.
         let (_tx, shutdown) = watch::channel(false);
+        let secret = Secret::random().unwrap_or_else(|e| {
+            // The OS random source failing is fatal elsewhere too; tokens then only keep
+            // honest clients apart, which the log says.
+            tracing::error!("no random token secret ({e}); tokens are guessable");
+            Secret::from_bytes([0; super::token::SECRET_LEN])
+        });
+        let limits = ConnLimits::new(config.max_connections, config.max_connections_per_ip);
         HttpState {
             root,
             policy,
@@ -72,6 +91,9 @@ impl HttpState {
             events,
             mac_lookup: Arc::new(|_| None),
             config,
+            secret: Arc::new(secret),
+            boot_states: Arc::new(MemoryBootStates::default()),
+            limits,
             metrics: Arc::new(Metrics::new()),
             shutdown,
         }
@@ -80,6 +102,19 @@ impl HttpState {
     /// Use `lookup` to find the MAC of clients that do not say it.
     pub fn with_mac_lookup(mut self, lookup: MacLookup) -> Self {
         self.mac_lookup = lookup;
+        self
+    }
+
+    /// Use `secret` for tokens (e.g. one kept in the state directory, so tokens survive a
+    /// restart).
+    pub fn with_secret(mut self, secret: Secret) -> Self {
+        self.secret = Arc::new(secret);
+        self
+    }
+
+    /// Keep one-shot boot state in `store`.
+    pub fn with_boot_states(mut self, store: Arc<dyn BootStateStore>) -> Self {
+        self.boot_states = store;
         self
     }
 
@@ -148,13 +183,17 @@ impl Metrics {
 /// The peer address axum's connect info recorded, if the router was served with it.
 pub(crate) fn peer_ip(req_ext: &axum::http::Extensions) -> Option<IpAddr> {
     req_ext
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(a)| a.ip())
+        .get::<ConnectInfo<ClientAddr>>()
+        .map(|ConnectInfo(ClientAddr(a))| a.ip())
+        .or_else(|| {
+            req_ext
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(a)| a.ip())
+        })
 }
 
-/// Every route of pxed's HTTP server. Serve it with connect info
-/// (`into_make_service_with_connect_info::<SocketAddr>()`, as [`serve`] does) so the client-IP
-/// lookup works.
+/// Every route of pxed's HTTP server. Serve it with connect info (`SocketAddr`, or
+/// [`ClientAddr`] as [`serve`] does) so the client-IP lookup works.
 ///
 /// - `GET /boot.ipxe`: the entry script ([`ipxe::entry_script`]).
 /// - `GET /ipxe/script?mac=&uuid=&platform=&buildarch=[&profile=]`: the machine's script.
@@ -162,23 +201,46 @@ pub(crate) fn peer_ip(req_ext: &axum::http::Extensions) -> Option<IpAddr> {
 /// - `GET /api/machines`, `GET /api/machines/{mac}`: timelines as JSON.
 /// - `GET /api/events`: Server-Sent Events, one `boot` event per [`crate::events::BootEvent`].
 /// - `POST /api/events`: publish an event (needs the bearer token when `api_token` is set).
+/// - `GET /api/machines/{mac}/state`, `DELETE` (bearer token): one-shot boot state.
+/// - `GET /m/{mac}/{profile}/{token}/{*name}`: template `name` rendered for that machine.
 /// - `GET /metrics`: Prometheus text. `GET /`: the dashboard.
 /// - anything else, `GET`/`HEAD`: a file under the boot root ([`assets`]).
 pub fn router(state: HttpState) -> Router {
     let state = Arc::new(state);
-    Router::new()
-        .route("/", get(api::dashboard))
+    api_routes()
         .route("/boot.ipxe", get(entry))
         .route(ipxe::SCRIPT_PATH, get(script))
+        .route(TEMPLATE_ROUTE, get(template))
+        .fallback(asset)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// The routes also served over HTTPS: dashboard, API, events, metrics. No boot assets.
+fn api_routes() -> Router<Arc<HttpState>> {
+    Router::new()
+        .route("/", get(api::dashboard))
         .route(
             "/api/phone-home",
             get(api::phone_home).post(api::phone_home),
         )
         .route("/api/machines", get(api::machines))
         .route("/api/machines/{mac}", get(api::machine))
+        .route(
+            "/api/machines/{mac}/state",
+            get(api::boot_state).delete(api::clear_boot_state),
+        )
         .route("/api/events", get(api::events).post(api::post_event))
         .route("/metrics", get(api::metrics))
-        .fallback(asset)
+}
+
+/// [`api_routes`] with state and metrics, for the HTTPS listener.
+pub fn api_router(state: HttpState) -> Router {
+    let state = Arc::new(state);
+    api_routes()
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -191,17 +253,50 @@ pub fn router(state: HttpState) -> Router {
 /// bus for `/metrics` while it runs.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    mut state: HttpState,
+    state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listener = LimitedListener::new(listener, state.limits.clone());
+    serve_on(listener, state, true, shutdown).await
+}
+
+/// Serve [`api_router`] over HTTPS (see [`super::tls`]) on `listener` until `shutdown`, like
+/// [`serve`]. Boot events are counted by [`serve`], not here.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = super::tls::TlsListener::new(listener, tls, state.limits.clone())?;
+    serve_on(listener, state, false, shutdown).await
+}
+
+async fn serve_on<L>(
+    listener: L,
+    mut state: HttpState,
+    full: bool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    ClientAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
     let (tx, rx) = watch::channel(false);
     state.shutdown = rx.clone();
     // Subscribe before serving, so no event published after `serve` starts goes uncounted.
-    let counter = tokio::spawn(count_events(
-        state.events.subscribe(),
-        state.metrics.clone(),
-    ));
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let counter = full.then(|| {
+        tokio::spawn(count_events(
+            state.events.subscribe(),
+            state.metrics.clone(),
+        ))
+    });
+    let app = if full {
+        router(state)
+    } else {
+        api_router(state)
+    }
+    .into_make_service_with_connect_info::<ClientAddr>();
     let tx2 = tx.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
@@ -220,7 +315,9 @@ pub async fn serve(
             Ok(())
         }
     };
-    counter.abort();
+    if let Some(c) = counter {
+        c.abort();
+    }
     drop(tx);
     result
 }
@@ -326,6 +423,73 @@ fn clean_uuid(raw: Option<&String>) -> Option<String> {
     shape_ok.then_some(u)
 }
 
+/// Route of rendered templates; see [`template_base`].
+const TEMPLATE_ROUTE: &str = "/m/{mac}/{profile}/{token}/{*name}";
+
+/// The prefix of a machine's rendered templates for one boot: `<base>/m/<mac>/<profile>/<token>/`.
+/// Everything is in the path, not a query, because cloud-init's NoCloud seed appends file
+/// names (`user-data`, `meta-data`) to it.
+pub fn template_base(base: &str, mac: MacAddr, profile: &str, token: &str) -> String {
+    format!(
+        "{base}/m/{}/{}/{token}/",
+        mac.hyphenated(),
+        percent_encoding::utf8_percent_encode(profile, ipxe::PATH_SEGMENT)
+    )
+}
+
+/// Where the booted OS reports for one boot (add `&stage=<name>`).
+pub fn phone_home_url(base: &str, mac: MacAddr, profile: &str, token: &str) -> String {
+    format!(
+        "{base}/api/phone-home?mac={}&profile={}&token={token}",
+        mac.hyphenated(),
+        percent_encoding::utf8_percent_encode(profile, ipxe::PATH_SEGMENT)
+    )
+}
+
+/// The template facts of one machine for one boot.
+fn template_facts(
+    state: &HttpState,
+    policy: &Policy,
+    mac: MacAddr,
+    uuid: Option<String>,
+    peer: Option<IpAddr>,
+    profile: &str,
+    token: &str,
+) -> TemplateFacts {
+    let base = state.server.http_base();
+    let machine = policy.machine(&mac);
+    TemplateFacts {
+        mac: mac.to_string(),
+        mac_hyphen: mac.hyphenated(),
+        uuid,
+        ip: peer.map(|ip| ip.to_string()),
+        hostname: machine.and_then(|m| m.hostname.clone()),
+        labels: machine.map(|m| m.labels.clone()).unwrap_or_default(),
+        profile: profile.to_string(),
+        server: base.clone(),
+        token: token.to_string(),
+        phone_home_url: phone_home_url(&base, mac, profile, token),
+        templates_url: template_base(&base, mac, profile, token),
+    }
+}
+
+/// With `require_token`, a token is issued only to the machine that owns the MAC: the MAC in
+/// the request must be the one pxed knows for the client's IP.
+fn token_binding_ok(state: &HttpState, mac: MacAddr, peer: Option<IpAddr>) -> Result<(), String> {
+    if !state.config.require_token {
+        return Ok(());
+    }
+    match peer.and_then(|ip| (state.mac_lookup)(ip)) {
+        Some(known) if known == mac => Ok(()),
+        Some(known) => Err(format!(
+            "this client is {known}, not {mac}: no script for another machine"
+        )),
+        None => Err(format!(
+            "cannot confirm that this client is {mac} (no lease or ARP entry for its IP)"
+        )),
+    }
+}
+
 async fn script(
     State(state): State<Arc<HttpState>>,
     Query(q): Query<HashMap<String, String>>,
@@ -338,32 +502,48 @@ async fn script(
             ipxe::error_script("no MAC in the request (`mac=` query) and the client IP is unknown"),
         );
     };
+    if let Err(msg) = token_binding_ok(&state, mac, peer) {
+        state
+            .events
+            .emit(mac, BootStage::HttpError, format!("script: {msg}"));
+        return text_response(StatusCode::FORBIDDEN, ipxe::error_script(&msg));
+    }
     let arch = ClientArch::from_ipxe(
         q.get("platform").map_or("", String::as_str),
         q.get("buildarch").map_or("", String::as_str),
     );
+    let uuid = clean_uuid(q.get("uuid"));
     let facts = ClientFacts {
         mac,
         arch_code: arch.map(|a| a.code),
         vendor_class: None,
         user_class: vec!["iPXE".into()],
         is_ipxe: true,
-        uuid: clean_uuid(q.get("uuid")),
+        uuid: uuid.clone(),
         relay: None,
     };
+    let boot_state = state.boot_states.get(&mac);
     let base = state.server.http_base();
     let rendered = {
         let policy = match state.policy.read() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut plan = crate::policy::plan(&policy, &facts, &state.server);
+        let mut plan = crate::policy::plan_with_state(&policy, &facts, &boot_state, &state.server);
         if let Some(want) = q.get("profile") {
             match policy.profile(want) {
                 Some(t) if reachable(&policy, &plan.target, want) => {
                     plan.reason = format!("chosen from the menu of profile `{}`", plan.profile);
                     plan.profile = want.clone();
                     plan.target = t.clone();
+                    if let Some(stage) = policy.one_shot_stage(want)
+                        && boot_state.has_reached(stage)
+                    {
+                        plan.reason.push_str(&format!(
+                            "; one-shot, done ({stage} reported): booting locally"
+                        ));
+                        plan.target = BootTarget::Local;
+                    }
                 }
                 _ => {
                     let msg = format!("profile `{want}` is not offered to this machine");
@@ -374,7 +554,7 @@ async fn script(
                 }
             }
         }
-        ipxe::try_render_script(&plan, &facts, &base).map(|s| (s, plan))
+        finish_script(&state, &policy, plan, &facts, uuid, peer, &base)
     };
     match rendered {
         Ok((body, plan)) => {
@@ -390,7 +570,95 @@ async fn script(
             state
                 .events
                 .emit(mac, BootStage::HttpError, format!("script: {e}"));
-            text_response(StatusCode::OK, ipxe::error_script(&e.to_string()))
+            text_response(StatusCode::OK, ipxe::error_script(&e))
+        }
+    }
+}
+
+/// Issue this boot's token, render the command line template and the script.
+fn finish_script(
+    state: &HttpState,
+    policy: &Policy,
+    mut plan: BootPlan,
+    facts: &ClientFacts,
+    uuid: Option<String>,
+    peer: Option<IpAddr>,
+    base: &str,
+) -> Result<(String, BootPlan), String> {
+    let token = state
+        .secret
+        .issue(facts.mac, &plan.profile)
+        .map_err(|e| format!("cannot make a boot token: {e}"))?;
+    if let BootTarget::Kernel { cmdline, .. } = &mut plan.target {
+        let tf = template_facts(state, policy, facts.mac, uuid, peer, &plan.profile, &token);
+        let name = format!("cmdline of profile `{}`", plan.profile);
+        *cmdline = templates::render_str(&name, cmdline, &tf).map_err(|e| e.to_string())?;
+    }
+    ipxe::try_render_script(&plan, facts, base)
+        .map(|s| (s, plan))
+        .map_err(|e| e.to_string())
+}
+
+/// `GET /m/{mac}/{profile}/{token}/{*name}`: `templates/<name>` rendered for the machine. The
+/// token must be the one issued for this MAC and profile (always: the URL only comes from a
+/// script, so a wrong token is never an honest mistake).
+async fn template(
+    State(state): State<Arc<HttpState>>,
+    axum::extract::Path((mac, profile, token, name)): axum::extract::Path<(
+        String,
+        String,
+        String,
+        String,
+    )>,
+    req: Request,
+) -> Response {
+    let peer = peer_ip(req.extensions());
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return text_response(StatusCode::BAD_REQUEST, "not a MAC address\n".into());
+    };
+    if state.secret.verify(&token, mac, &profile).is_none() {
+        state.events.emit(
+            mac,
+            BootStage::HttpError,
+            format!("template {name}: bad token (profile {profile})"),
+        );
+        return text_response(StatusCode::FORBIDDEN, "bad or missing boot token\n".into());
+    }
+    let facts = {
+        let policy = match state.policy.read() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        template_facts(&state, &policy, mac, None, peer, &profile, &token)
+    };
+    let root = state.root.clone();
+    let name2 = name.clone();
+    let rendered =
+        tokio::task::spawn_blocking(move || templates::render_file(&root, &name2, &facts)).await;
+    match rendered {
+        Ok(Ok(body)) => {
+            state.events.emit(
+                mac,
+                BootStage::HttpAsset,
+                format!("template {name} (profile {profile}, {} bytes)", body.len()),
+            );
+            text_response(StatusCode::OK, body)
+        }
+        Ok(Err(e @ templates::TemplateError::NotFound(_))) => {
+            state.events.emit(mac, BootStage::HttpError, e.to_string());
+            text_response(StatusCode::NOT_FOUND, format!("{e}\n"))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%mac, "{e}");
+            state.events.emit(mac, BootStage::HttpError, e.to_string());
+            text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+        }
+        Err(e) => {
+            tracing::error!(%mac, "template task failed: {e}");
+            text_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "template rendering failed\n".into(),
+            )
         }
     }
 }
@@ -417,6 +685,8 @@ async fn asset(
         _ => BootStage::HttpAsset,
     };
     let opened = match assets::decode_path(&raw_path) {
+        // Templates are only served rendered, for the machine holding the token.
+        Ok(rel) if rel.starts_with(templates::TEMPLATE_DIR) => Err(assets::PathError::NotFound),
         Ok(rel) => assets::open_in_root(&state.root, &rel)
             .await
             .map(|o| (o, rel)),

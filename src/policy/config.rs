@@ -9,6 +9,9 @@ use serde::Deserialize;
 use super::{BootTarget, ClientArch, ClientFacts, Cpu, Firmware, MenuItem, Policy};
 use crate::mac::MacAddr;
 
+/// Longest `one_shot` stage name: the phone-home API accepts no longer custom stage.
+const MAX_STAGE_NAME: usize = 64;
+
 /// `[ipxe]`: the iPXE binaries handed to firmware that is not iPXE yet, paths in the boot root.
 /// Defaults follow firmware-quirks.md Q18: `undionly.kpxe` for BIOS (uses the ROM's own UNDI
 /// driver) and `snponly.efi` for UEFI (uses the firmware's SNP driver, fewer NIC driver bugs).
@@ -106,6 +109,9 @@ pub struct ProfileConfig {
     pub nbp: Option<String>,
     /// Do not boot; the reason.
     pub ignore: Option<String>,
+    /// One-shot: boot this profile until the booted OS reports this stage (e.g.
+    /// `os.installed`), then boot locally. Remembered in `[server] state_dir`.
+    pub one_shot: Option<String>,
 }
 
 /// `menu = [{ label = "...", profile = "..." }]`.
@@ -440,12 +446,30 @@ impl PolicyConfig {
         let mut errors = Vec::new();
         let mut names = HashSet::new();
         let mut profiles = Vec::new();
+        let mut one_shot = Vec::new();
         for p in self.profiles {
             if !names.insert(p.name.clone()) {
                 errors.push(PolicyError::DuplicateProfile(p.name));
                 continue;
             }
             let name = p.name.clone();
+            if let Some(stage) = &p.one_shot {
+                let ok = !stage.is_empty()
+                    && stage.len() <= MAX_STAGE_NAME
+                    && stage
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                if ok {
+                    one_shot.push((name.clone(), stage.clone()));
+                } else {
+                    errors.push(PolicyError::BadProfile {
+                        name: name.clone(),
+                        problem: format!(
+                            "one_shot `{stage}` is not a stage name (1-{MAX_STAGE_NAME} of [A-Za-z0-9._-])"
+                        ),
+                    });
+                }
+            }
             match p.into_target() {
                 Ok(target) => profiles.push((name, target)),
                 Err(e) => errors.push(e),
@@ -526,6 +550,7 @@ impl PolicyConfig {
             groups: self.groups,
             machines: self.machines,
             ipxe: self.ipxe,
+            one_shot,
         })
     }
 }

@@ -54,6 +54,22 @@ impl ClientFacts {
     }
 }
 
+/// What pxed remembers about a machine across boots, looked up by the caller (the policy does
+/// no I/O): the one-shot stages it has reported. A profile with `one_shot = "<stage>"` boots
+/// until the machine reports that stage, and from then on the machine boots locally.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BootState {
+    /// One-shot stages reported by the booted OS (e.g. `os.installed`).
+    pub reached: Vec<String>,
+}
+
+impl BootState {
+    /// The machine has reported `stage`.
+    pub fn has_reached(&self, stage: &str) -> bool {
+        self.reached.iter().any(|s| s == stage)
+    }
+}
+
 /// Where the server can be reached by the client being answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerAddrs {
@@ -192,6 +208,8 @@ pub struct Policy {
     pub(crate) groups: Vec<GroupConfig>,
     pub(crate) machines: Vec<MachineConfig>,
     pub(crate) ipxe: IpxeBinaries,
+    /// Profile name to the stage that completes it (`one_shot`).
+    pub(crate) one_shot: Vec<(String, String)>,
 }
 
 impl Policy {
@@ -206,6 +224,24 @@ impl Policy {
     /// The machine entry for a MAC, if the config has one.
     pub fn machine(&self, mac: &MacAddr) -> Option<&MachineConfig> {
         self.machines.iter().find(|m| m.mac == *mac)
+    }
+
+    /// The stage that completes a one-shot profile, if the profile is one-shot.
+    pub fn one_shot_stage(&self, profile: &str) -> Option<&str> {
+        self.one_shot
+            .iter()
+            .find(|(n, _)| n == profile)
+            .map(|(_, s)| s.as_str())
+    }
+
+    /// Some one-shot profile is completed by `stage`: worth remembering when reported.
+    pub fn is_one_shot_stage(&self, stage: &str) -> bool {
+        self.one_shot.iter().any(|(_, s)| s == stage)
+    }
+
+    /// Some profile is one-shot (its state must be kept).
+    pub fn has_one_shot(&self) -> bool {
+        !self.one_shot.is_empty()
     }
 
     /// How many profiles are defined.
@@ -229,16 +265,36 @@ impl Policy {
     }
 }
 
-/// Choose the plan for one client. Pure: same inputs, same plan.
+/// Choose the plan for one client with no remembered state (see [`plan_with_state`]).
 pub fn plan(policy: &Policy, facts: &ClientFacts, server: &ServerAddrs) -> BootPlan {
+    plan_with_state(policy, facts, &BootState::default(), server)
+}
+
+/// Choose the plan for one client. Pure: same inputs, same plan. A one-shot profile whose
+/// stage is in `state` becomes [`BootTarget::Local`] (the profile name is kept, the reason
+/// says why).
+pub fn plan_with_state(
+    policy: &Policy,
+    facts: &ClientFacts,
+    state: &BootState,
+    server: &ServerAddrs,
+) -> BootPlan {
     let machine = policy.machine(&facts.mac);
     let labels = machine.map(|m| m.labels.clone()).unwrap_or_default();
     let hostname = machine.and_then(|m| m.hostname.clone());
 
-    let (profile, reason) = choose_profile(policy, facts, machine, &labels);
-    let target = match profile.as_deref().and_then(|p| policy.profile(p)) {
-        Some(t) => t.clone(),
-        None => BootTarget::Ignore {
+    let (profile, mut reason) = choose_profile(policy, facts, machine, &labels);
+    let done = profile
+        .as_deref()
+        .and_then(|p| policy.one_shot_stage(p))
+        .filter(|stage| state.has_reached(stage));
+    let target = match (profile.as_deref().and_then(|p| policy.profile(p)), done) {
+        (Some(_), Some(stage)) => {
+            reason = format!("{reason}; one-shot, done ({stage} reported): booting locally");
+            BootTarget::Local
+        }
+        (Some(t), None) => t.clone(),
+        (None, _) => BootTarget::Ignore {
             reason: "no group matched and there is no `default` profile".into(),
         },
     };

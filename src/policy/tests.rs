@@ -285,3 +285,53 @@ fn unknown_keys_are_rejected() {
             .to_string();
     assert!(err.contains("macs"), "{err}");
 }
+
+#[test]
+fn one_shot_profile_boots_locally_once_its_stage_is_reached() {
+    let p = policy(
+        r#"
+[[profile]]
+name = "install"
+kernel = "debian/linux"
+one_shot = "os.installed"
+
+[[group]]
+name = "new"
+profile = "install"
+match = { mac = ["52:54:00"] }
+"#,
+    );
+    let f = facts("52:54:00:00:00:01", Some(0), true);
+    let fresh = plan_with_state(&p, &f, &BootState::default(), &SERVER);
+    assert!(
+        matches!(fresh.target, BootTarget::Kernel { .. }),
+        "{fresh:?}"
+    );
+    // Another stage does not complete it.
+    let other = BootState {
+        reached: vec!["os.custom-thing".into()],
+    };
+    let still = plan_with_state(&p, &f, &other, &SERVER);
+    assert!(matches!(still.target, BootTarget::Kernel { .. }));
+    let done = BootState {
+        reached: vec!["os.installed".into()],
+    };
+    let after = plan_with_state(&p, &f, &done, &SERVER);
+    assert_eq!(after.target, BootTarget::Local);
+    assert_eq!(after.profile, "install");
+    assert!(
+        after.reason.contains("one-shot, done (os.installed"),
+        "{}",
+        after.reason
+    );
+    assert!(p.is_one_shot_stage("os.installed"));
+    assert!(!p.is_one_shot_stage("os.phone-home"));
+}
+
+#[test]
+fn one_shot_stage_must_be_a_stage_name() {
+    let cfg: PolicyConfig =
+        toml::from_str("[[profile]]\nname = \"x\"\nlocal = true\none_shot = \"a b\"\n").unwrap();
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("one_shot `a b`"), "{err}");
+}

@@ -22,25 +22,8 @@ struct Firmware {
 }
 
 fn discover(fw: &Firmware, xid: u32) -> DhcpPacket {
-    let mut chaddr = [0u8; 16];
-    chaddr[..6].copy_from_slice(&fw.mac);
-    let mut p = DhcpPacket {
-        op: Op::Request,
-        htype: 1,
-        hlen: 6,
-        hops: 0,
-        xid,
-        secs: 0,
-        flags: 0x8000,
-        ciaddr: Ipv4Addr::UNSPECIFIED,
-        yiaddr: Ipv4Addr::UNSPECIFIED,
-        siaddr: Ipv4Addr::UNSPECIFIED,
-        giaddr: Ipv4Addr::UNSPECIFIED,
-        chaddr,
-        sname: vec![],
-        file: vec![],
-        options: Default::default(),
-    };
+    let mut p = DhcpPacket::client_request(xid, pxed::mac::MacAddr(fw.mac));
+    p.flags = 0x8000;
     p.options.set(53, vec![1]);
     p.options.set(55, vec![1, 3, 6, 43, 54, 60, 66, 67, 97]);
     p.options.set(

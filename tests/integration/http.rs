@@ -925,3 +925,580 @@ async fn shutdown_ends_event_streams() {
         "curl saw the stream end cleanly: {status}"
     );
 }
+
+// ---- Templates, per-boot tokens, one-shot profiles, HTTPS, connection caps ----
+
+const INSTALL_POLICY: &str = r#"
+[[profile]]
+name = "install"
+kernel = "linux/vmlinuz"
+cmdline = "auto url={{ templates_url }}preseed.cfg ds=nocloud;s={{ templates_url }}cloud/ pxed.phone={{ phone_home_url }}"
+one_shot = "os.installed"
+
+[[group]]
+name = "lab"
+profile = "install"
+match = { mac = ["52:54:00"] }
+
+[[machine]]
+mac = "52:54:00:aa:00:01"
+hostname = "web1"
+labels = ["rack1", "ssd"]
+"#;
+
+const MAC_A: &str = "52:54:00:aa:00:01";
+const MAC_B: &str = "52:54:00:aa:00:02";
+
+/// A server with a persistent state directory, `require_token`, and 127.0.0.1 known as MAC_A
+/// (as a lease or ARP entry would say).
+async fn start_stateful(state_dir: &Path, root_dir: &Path) -> (String, EventBus, Server2) {
+    let root = root_dir.to_path_buf();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cfg: PolicyConfig = toml::from_str(INSTALL_POLICY).unwrap();
+    let policy = Arc::new(RwLock::new(cfg.validate().unwrap()));
+    let server = ServerAddrs {
+        ip: Ipv4Addr::LOCALHOST,
+        http_port: port,
+    };
+    let bus = EventBus::new();
+    let config = HttpConfig {
+        port,
+        api_token: Some(TOKEN.into()),
+        require_token: true,
+        ..HttpConfig::default()
+    };
+    let a: MacAddr = MAC_A.parse().unwrap();
+    let store = pxed::http::FileBootStates::open(&state_dir.join("boot-state.json")).unwrap();
+    let secret = pxed::http::Secret::load_or_create(&state_dir.join("http-secret")).unwrap();
+    let state = HttpState::new(root, policy, server, bus.clone(), config)
+        .with_mac_lookup(Arc::new(move |ip| {
+            (ip == std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)).then_some(a)
+        }))
+        .with_boot_states(Arc::new(store))
+        .with_secret(secret);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        pxed::http::serve(listener, state, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (
+        format!("http://127.0.0.1:{port}"),
+        bus,
+        Server2 {
+            stop: Some(tx),
+            task: Some(task),
+        },
+    )
+}
+
+/// Stops a server on drop, or on [`Server2::stop`] (which waits until it is gone).
+struct Server2 {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server2 {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Server2 {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn install_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("linux")).unwrap();
+    std::fs::create_dir_all(root.join("templates/cloud")).unwrap();
+    std::fs::write(root.join("linux/vmlinuz"), b"kernel-bytes").unwrap();
+    std::fs::write(
+        root.join("templates/preseed.cfg"),
+        "d-i netcfg/get_hostname string {{ hostname }}\n\
+         d-i preseed/late_command string wget -q -O- '{{ phone_home_url }}&stage=os.installed'\n\
+         # {{ mac }} {{ labels | join(',') }} {{ profile }} & <not escaped>\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("templates/cloud/user-data"),
+        "#cloud-config\nhostname: {{ hostname }}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("templates/cloud/meta-data"),
+        "instance-id: {{ mac_hyphen }}\nlocal-ipv4: {{ ip }}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("templates/broken.cfg"),
+        "fine line\n{{ hostnme }}\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// The value of `key=` on the kernel line of a script.
+fn kernel_arg(script: &str, key: &str) -> String {
+    let line = script
+        .lines()
+        .find(|l| l.starts_with("kernel "))
+        .unwrap_or_else(|| panic!("no kernel line: {script}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_tokens_and_one_shot_install() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let root = install_root();
+    let (base, bus, server) = start_stateful(state_dir.path(), root.path()).await;
+    let a: MacAddr = MAC_A.parse().unwrap();
+    let script_url =
+        |mac: &str| format!("{base}/ipxe/script?mac={mac}&platform=pcbios&buildarch=i386");
+
+    // Another machine's MAC from this IP: no script, no token.
+    let r = curl(&[&script_url(MAC_B)]).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("not 52:54:00:aa:00:02"), "{}", r.text());
+
+    // Our own: the installer, with the command line rendered from the facts.
+    let r = curl(&[&script_url(MAC_A)]).await;
+    assert_eq!(r.status, 200);
+    let script = r.text();
+    let preseed = kernel_arg(&script, "url=");
+    let seed = kernel_arg(&script, "ds=nocloud;s=");
+    let phone = kernel_arg(&script, "pxed.phone=");
+    assert!(
+        preseed.starts_with(&format!("{base}/m/52-54-00-aa-00-01/install/")),
+        "{preseed}"
+    );
+    assert!(seed.ends_with("/cloud/"), "{seed}");
+
+    // The installer's view: curl and busybox wget fetch the rendered files.
+    let r = curl(&[&preseed]).await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.contains("get_hostname string web1\n"), "{text}");
+    assert!(
+        text.contains(&format!("wget -q -O- '{phone}&stage=os.installed'")),
+        "{text}"
+    );
+    assert!(
+        text.contains("# 52:54:00:aa:00:01 rack1,ssd install & <not escaped>\n"),
+        "{text}"
+    );
+    let out = tokio::process::Command::new("busybox")
+        .args(["wget", "-q", "-O", "-", &format!("{seed}meta-data")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "instance-id: 52-54-00-aa-00-01\nlocal-ipv4: 127.0.0.1\n"
+    );
+    assert_eq!(
+        curl(&[&format!("{seed}user-data")]).await.text(),
+        "#cloud-config\nhostname: web1\n"
+    );
+
+    // A token is bound to its MAC and profile, and cannot be altered.
+    let token = preseed.split('/').nth_back(1).unwrap().to_string();
+    for bad in [
+        preseed.replace("52-54-00-aa-00-01", "52-54-00-aa-00-02"),
+        preseed.replace("/install/", "/other/"),
+        preseed.replace(&token, &format!("{}0", &token[..token.len() - 1])),
+    ] {
+        assert_eq!(curl(&[&bad]).await.status, 403, "{bad}");
+    }
+    // Raw templates are never served.
+    assert_eq!(
+        curl(&[&format!("{base}/templates/preseed.cfg")])
+            .await
+            .status,
+        404
+    );
+
+    // A broken template: name and line, a 500, an event, and the server carries on.
+    let broken = preseed.replace("preseed.cfg", "broken.cfg");
+    let r = curl(&[&broken]).await;
+    assert_eq!(r.status, 500);
+    assert!(
+        r.text()
+            .starts_with("template `broken.cfg` line 2: undefined value"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        bus.timeline(&a)
+            .iter()
+            .any(|e| e.stage == BootStage::HttpError
+                && e.detail.contains("template `broken.cfg` line 2"))
+    );
+    assert_eq!(
+        curl(&[&preseed.replace("preseed.cfg", "missing")])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(curl(&[&preseed]).await.status, 200);
+
+    // Phone-home needs the token; with it, the one-shot stage is stored.
+    let r = curl(&[&format!(
+        "{base}/api/phone-home?mac={MAC_A}&stage=os.installed"
+    )])
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = curl(&[&format!("{phone}&stage=os.userspace")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"one_shot_done\":false"), "{}", r.text());
+    // The installer reports as the preseed says, with busybox wget.
+    let out = tokio::process::Command::new("busybox")
+        .args([
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("{phone}&stage=os.installed"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"one_shot_done\":true"),
+        "{out:?}"
+    );
+
+    // Restart: the state and the secret come back from the state directory.
+    server.stop().await;
+    let (base, _bus, server) = start_stateful(state_dir.path(), root.path()).await;
+    let script_url =
+        |mac: &str| format!("{base}/ipxe/script?mac={mac}&platform=pcbios&buildarch=i386");
+    let r = curl(&[&script_url(MAC_A)]).await;
+    assert!(
+        r.text()
+            .contains("echo pxed: booting from the next device\nexit 0\n"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("one-shot, done (os.installed"),
+        "{}",
+        r.text()
+    );
+    // The old boot's URLs still verify after the restart (same secret).
+    let old = preseed.replace(&preseed[..preseed.find("/m/").unwrap()], &base);
+    assert_eq!(curl(&[&old]).await.status, 200, "{old}");
+    let st = curl(&[&format!("{base}/api/machines/{MAC_A}/state")]).await;
+    assert_eq!(st.text(), r#"{"reached":["os.installed"]}"#);
+
+    // Re-install: clearing needs the API token; then the installer is back.
+    let url = format!("{base}/api/machines/{MAC_A}/state");
+    assert_eq!(curl(&["-X", "DELETE", &url]).await.status, 401);
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let r = curl(&["-X", "DELETE", "-H", &auth, &url]).await;
+    assert_eq!(r.text(), r#"{"cleared":true}"#);
+    assert!(
+        curl(&[&script_url(MAC_A)])
+            .await
+            .text()
+            .contains("\nkernel ")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_per_ip_and_global() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"file").unwrap();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = HttpConfig {
+        port,
+        max_connections: 3,
+        max_connections_per_ip: 2,
+        ..HttpConfig::default()
+    };
+    let policy = Arc::new(RwLock::new(PolicyConfig::default().validate().unwrap()));
+    let server = ServerAddrs {
+        ip: Ipv4Addr::LOCALHOST,
+        http_port: port,
+    };
+    let state = HttpState::new(dir.path().into(), policy, server, EventBus::new(), config);
+    let limits = state.limits.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(pxed::http::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+    let _stop = tx;
+    let url = |ip: &str| format!("http://{ip}:{port}/f");
+    let hold = |src: Ipv4Addr| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((src, 0).into()).unwrap();
+        sock.connect((Ipv4Addr::LOCALHOST, port).into())
+            .await
+            .unwrap()
+    };
+    let wait_open = |n: usize| {
+        let limits = limits.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while limits.open() != n {
+                assert!(Instant::now() < deadline, "open {} != {n}", limits.open());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+
+    // Two idle connections from 127.0.0.1 use up its share: curl from there gets a 503.
+    let h1 = hold(Ipv4Addr::LOCALHOST).await;
+    let _h2 = hold(Ipv4Addr::LOCALHOST).await;
+    wait_open(2).await;
+    let r = curl(&["--interface", "127.0.0.1", &url("127.0.0.1")]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Another client IP still gets through, and then the global cap of 3 is reached.
+    let r = curl(&["--interface", "127.0.0.2", &url("127.0.0.1")]).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"file"[..]));
+    // curl has gone: its connection closes on the server side too.
+    wait_open(2).await;
+    let _h3 = hold(Ipv4Addr::new(127, 0, 0, 2)).await;
+    wait_open(3).await;
+    let r = curl(&["--interface", "127.0.0.3", &url("127.0.0.1")]).await;
+    assert_eq!(r.status, 503);
+    // A closed connection frees its place.
+    drop(h1);
+    wait_open(2).await;
+    let r = curl(&["--interface", "127.0.0.1", &url("127.0.0.1")]).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_the_api_not_the_assets() {
+    let s = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=pxed-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let tls = pxed::http::tls::server_config(&cert, &key).unwrap();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let policy: PolicyConfig = toml::from_str(POLICY).unwrap();
+    let state = HttpState::new(
+        s.root.clone(),
+        Arc::new(RwLock::new(policy.validate().unwrap())),
+        ServerAddrs {
+            ip: Ipv4Addr::LOCALHOST,
+            http_port: port,
+        },
+        s.bus.clone(),
+        HttpConfig {
+            api_token: Some(TOKEN.into()),
+            ..HttpConfig::default()
+        },
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(pxed::http::server::serve_tls(listener, state, tls, async {
+        let _ = rx.await;
+    }));
+    let _stop = tx;
+    let https = format!("https://127.0.0.1:{port}");
+    let ca = cert.to_str().unwrap();
+
+    // Without our CA curl refuses the certificate (exit 60): it is really TLS.
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", &format!("{https}/api/machines")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(60), "{out:?}");
+
+    let r = curl(&["--cacert", ca, &format!("{https}/")]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("<html"), "{}", r.text());
+    let r = curl(&[
+        "--cacert",
+        ca,
+        &format!("{https}/api/phone-home?mac=52:54:00:00:00:42&stage=os.userspace"),
+    ])
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mac: MacAddr = "52:54:00:00:00:42".parse().unwrap();
+    assert_eq!(timeline_stages(&s.bus, &mac), vec![BootStage::OsUserspace]);
+    let r = curl(&["--cacert", ca, &format!("{https}/api/machines")]).await;
+    assert!(r.text().contains("52:54:00:00:00:42"), "{}", r.text());
+    // Boot assets and scripts are plain HTTP only.
+    assert_eq!(
+        curl(&["--cacert", ca, &format!("{https}/linux/vmlinuz")])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        curl(&["--cacert", ca, &format!("{https}/boot.ipxe")])
+            .await
+            .status,
+        404
+    );
+    // curl asks for HTTP/2 by ALPN and gets HTTP/1.1, which is all pxed speaks.
+    let r = curl(&["--cacert", ca, "--http2", &format!("{https}/metrics")]).await;
+    assert_eq!(r.status, 200);
+}
+
+/// iPXE's `sanboot` reads a disk image in ranges at arbitrary offsets. A 6 GiB sparse image
+/// with a marker at each interesting offset (below and across 2 GiB and 4 GiB, where 32-bit
+/// arithmetic breaks, and the last bytes) must come back exactly, also for ranges that span
+/// a marker and a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sanboot_ranges_on_a_multi_gib_image() {
+    const SIZE: u64 = 6 << 30;
+    let s = start().await;
+    let path = s.root.join("disk.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(SIZE).unwrap();
+    let offsets = [
+        0u64,
+        512,
+        (1 << 31) - 7,
+        1 << 31,
+        (1 << 32) - 100,
+        (1 << 32) + 4096,
+        (5 << 30) + 12345,
+        SIZE - 64,
+    ];
+    for (i, off) in offsets.iter().enumerate() {
+        let mark = format!("<{i}@{off}>").repeat(16);
+        std::os::unix::fs::FileExt::write_at(&f, &mark.as_bytes()[..64], *off).unwrap();
+    }
+    drop(f);
+    let url = format!("{}/disk.img", s.base);
+    let mut file = std::fs::File::open(&path).unwrap();
+    for off in offsets {
+        // A sector-aligned read around the marker (as iPXE's block reads are), 64 KiB long,
+        // clipped at the end.
+        let start = (off / 512) * 512;
+        let end = (start + 65535).min(SIZE - 1);
+        let r = curl(&["-r", &format!("{start}-{end}"), &url]).await;
+        assert_eq!(r.status, 206, "range at {start}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {start}-{end}/{SIZE}").as_str())
+        );
+        let mut want = vec![0u8; (end - start + 1) as usize];
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).unwrap();
+        std::io::Read::read_exact(&mut file, &mut want).unwrap();
+        assert!(r.body == want, "bytes differ in range {start}-{end}");
+        assert!(
+            r.body.windows(2).any(|w| w[0] == b'<'),
+            "marker missing at {off}"
+        );
+    }
+}
+
+/// The dashboard in Debian's headless Chromium (driven by tests/browser/dashboard.mjs with
+/// playwright-core): the page is open before the machine exists, curl fetches the machine's
+/// script and phones home twice, and each stage must show up in the machine's row over the
+/// event stream, without a reload. Set `PXED_DASHBOARD_PNG=docs/dashboard.png` to refresh the
+/// screenshot in the docs; otherwise it goes to a temp dir and is only checked to be a PNG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_updates_live_in_headless_chromium() {
+    use tokio::io::AsyncBufReadExt;
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").is_dir()
+            && Path::new("/usr/bin/chromium").exists(),
+        "needs Debian's chromium and playwright-core in tests/browser/node_modules: run scripts/setup"
+    );
+    let state_dir = tempfile::tempdir().unwrap();
+    let root = install_root();
+    let (base, _bus, server) = start_stateful(state_dir.path(), root.path()).await;
+    let shot_dir = tempfile::tempdir().unwrap();
+    let shot = match std::env::var_os("PXED_DASHBOARD_PNG") {
+        Some(p) => Path::new(env!("CARGO_MANIFEST_DIR")).join(p),
+        None => shot_dir.path().join("dashboard.png"),
+    };
+    let mut node = tokio::process::Command::new("node")
+        .arg(browser_dir.join("dashboard.mjs"))
+        .args([base.as_str(), MAC_A])
+        .arg(&shot)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut expect = async |want: &str| {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no `{want}` from the browser within 60 s"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("browser script ended before `{want}`"));
+        assert!(line.starts_with(want), "wanted `{want}`, got `{line}`");
+        line
+    };
+    expect("READY").await;
+    let script = curl(&[&format!(
+        "{base}/ipxe/script?mac={MAC_A}&platform=pcbios&buildarch=i386"
+    )])
+    .await
+    .text();
+    let phone = kernel_arg(&script, "pxed.phone=");
+    expect("SEEN http.script").await;
+    assert_eq!(
+        curl(&[&format!("{phone}&stage=os.userspace")]).await.status,
+        200
+    );
+    expect("SEEN os.userspace").await;
+    assert_eq!(
+        curl(&[&format!("{phone}&stage=os.installed")]).await.status,
+        200
+    );
+    expect("SEEN os.custom").await;
+    let chips = expect("CHIPS").await;
+    assert_eq!(chips, "CHIPS http.script os.userspace os.custom");
+    expect("DONE").await;
+    assert!(node.wait().await.unwrap().success());
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5000,
+        "{} bytes",
+        png.len()
+    );
+    server.stop().await;
+}

@@ -4,7 +4,11 @@
 mod support;
 
 mod cli;
+mod dhcp_full;
 mod dhcp_proxy;
 mod http;
 mod lab_boot;
+mod lab_quirks;
 mod tftp;
+mod tftp_netboot;
+mod vm_images;

@@ -799,3 +799,158 @@ async fn write_requests_are_refused_by_real_clients() {
     assert!(!ok, "upload must fail: {text}");
     assert!(!lab.root.join("up.bin").exists());
 }
+
+/// What a flood socket sends; every answer it gets must fit its kind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Flood {
+    /// RRQ for a file that does not exist: ERROR 1 or nothing.
+    Missing,
+    /// RRQ for a small file that exists: DATA block 1 with its bytes, or nothing (limits).
+    Existing,
+    /// Junk at the request port: ERROR 4 or nothing.
+    Junk,
+}
+
+/// Thousands of requests and junk from 48 addresses while a real client (curl) downloads a
+/// large file: the download finishes within twice the time it takes unloaded (measured in
+/// this test), every flood packet gets the right answer or none, and the server still serves
+/// afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_survives_a_request_flood() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    /// Floods shorter than this prove little.
+    const MIN_FLOOD_PACKETS: u64 = 2000;
+    let lab = Lab::start(TftpConfig::default()).await;
+    let big = noise(24 << 20, 77);
+    lab.put("big.bin", &big);
+    let out = tempfile::tempdir().unwrap();
+    let url = format!("tftp://{}/big.bin", lab.addr);
+    let args = vec![
+        s("-sS"),
+        s("--tftp-blksize"),
+        s("1468"),
+        url.clone(),
+        s("-o"),
+        s("big.bin"),
+    ];
+    // Unloaded: the better of two runs, so a hiccup on a busy machine does not make the bound
+    // easy.
+    let mut unloaded = Duration::MAX;
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let (ok, log) = run_client("curl", &args, out.path()).await;
+        assert!(ok, "{log}");
+        unloaded = unloaded.min(t.elapsed());
+    }
+    assert_file(&out.path().join("big.bin"), &big, "unloaded");
+    std::fs::remove_file(out.path().join("big.bin")).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let server = lab.addr;
+    let mut flooders = Vec::new();
+    for (i, kind) in [Flood::Missing, Flood::Existing, Flood::Junk]
+        .into_iter()
+        .enumerate()
+    {
+        let (stop, sent, answered) = (stop.clone(), sent.clone(), answered.clone());
+        flooders.push(std::thread::spawn(move || -> Vec<String> {
+            let socks: Vec<StdUdp> = (0..16)
+                .map(|n| {
+                    let s = StdUdp::bind(format!("127.0.{}.{}:0", 10 + i, n + 1)).unwrap();
+                    s.set_nonblocking(true).unwrap();
+                    s
+                })
+                .collect();
+            let mut bad = Vec::new();
+            let mut buf = [0u8; 2048];
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                for s in &socks {
+                    let pkt = match kind {
+                        Flood::Missing => {
+                            wire::encode_request(false, &format!("missing-{round}"), "octet", &[])
+                        }
+                        Flood::Existing => wire::encode_request(false, "hello.txt", "octet", &[]),
+                        Flood::Junk => noise(40, round).into_iter().chain([0u8]).collect(),
+                    };
+                    if s.send_to(&pkt, server).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    while let Ok((n, _)) = s.recv_from(&mut buf) {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        let ok = match (kind, wire::parse(&buf[..n])) {
+                            (Flood::Missing, Ok(Packet::Error(1, _))) => true,
+                            (Flood::Existing, Ok(Packet::Data(1, d))) => d == b"hello from pxed\n",
+                            (Flood::Junk, Ok(Packet::Error(4, _))) => true,
+                            _ => false,
+                        };
+                        if !ok && bad.len() < 5 {
+                            bad.push(format!("{kind:?} got {:?}", wire::parse(&buf[..n])));
+                        }
+                    }
+                }
+                // Pacing: 3 threads x 16 packets per 10 ms, about 5000 packets a second.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            bad
+        }));
+    }
+    // Loaded: the better of two runs too, so that both sides use the same statistic and a
+    // VM booting beside this test on the 2-core machine hits neither side harder.
+    let mut loaded = Duration::MAX;
+    let (mut ok, mut log) = (true, String::new());
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let (run_ok, run_log) = run_client("curl", &args, out.path()).await;
+        loaded = loaded.min(t.elapsed());
+        ok &= run_ok;
+        log.push_str(&run_log);
+    }
+    // Keep flooding until enough packets went out, even if the transfer was quick.
+    let deadline = std::time::Instant::now() + CLIENT_DEADLINE;
+    while sent.load(Ordering::Relaxed) < MIN_FLOOD_PACKETS && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let bad: Vec<String> = flooders
+        .into_iter()
+        .flat_map(|f| f.join().unwrap())
+        .collect();
+    assert!(ok, "{log}");
+    assert_file(&out.path().join("big.bin"), &big, "under flood");
+    let (sent, answered) = (
+        sent.load(Ordering::Relaxed),
+        answered.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "unloaded {unloaded:?}, under flood {loaded:?} (ratio {:.2}); flood {sent} packets, {answered} answers",
+        loaded.as_secs_f64() / unloaded.as_secs_f64()
+    );
+    assert!(sent >= MIN_FLOOD_PACKETS, "only {sent} flood packets");
+    assert!(answered > 0, "the flood got no answers at all");
+    assert!(bad.is_empty(), "wrong answers: {bad:?}");
+    assert!(
+        loaded <= unloaded * 2,
+        "under flood {loaded:?}, unloaded {unloaded:?}"
+    );
+    // Still serving.
+    let (ok, log) = run_client(
+        "curl",
+        &[
+            format!("tftp://{}/hello.txt", lab.addr),
+            s("-o"),
+            s("after.txt"),
+        ],
+        out.path(),
+    )
+    .await;
+    assert!(ok, "{log}");
+    assert_file(
+        &out.path().join("after.txt"),
+        b"hello from pxed\n",
+        "after the flood",
+    );
+}

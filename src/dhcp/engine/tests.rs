@@ -28,15 +28,19 @@ fn subnet(network: [u8; 4]) -> SubnetConfig {
         dns: vec![Ipv4Addr::new(a, b, c, 1)],
         domain: Some("lab".into()),
         lease_time: Duration::from_secs(3600),
+        search: vec![],
+        route: vec![],
+        ntp: vec![],
+        mtu: None,
+        option: vec![],
     }
 }
 
 fn engine(mode: DhcpMode) -> DhcpEngine {
     let config = DhcpConfig {
         mode,
-        port_4011: true,
         subnet: vec![subnet([10, 0, 0, 0]), subnet([10, 9, 0, 0])],
-        end_ipv6_wait: None,
+        ..Default::default()
     };
     DhcpEngine::new(config, policy(), 8080, Vec::new())
 }
@@ -87,25 +91,8 @@ impl Client {
         }
     }
     fn packet(&self) -> DhcpPacket {
-        let mut chaddr = [0u8; 16];
-        chaddr[..6].copy_from_slice(&self.mac);
-        let mut p = DhcpPacket {
-            op: Op::Request,
-            htype: 1,
-            hlen: 6,
-            hops: 0,
-            xid: 0x1234_5678,
-            secs: 4,
-            flags: 0,
-            ciaddr: Ipv4Addr::UNSPECIFIED,
-            yiaddr: Ipv4Addr::UNSPECIFIED,
-            siaddr: Ipv4Addr::UNSPECIFIED,
-            giaddr: Ipv4Addr::UNSPECIFIED,
-            chaddr,
-            sname: vec![],
-            file: vec![],
-            options: Default::default(),
-        };
+        let mut p = DhcpPacket::client_request(0x1234_5678, MacAddr(self.mac));
+        p.secs = 4;
         p.options.set(53, vec![self.kind]);
         p.options.set(55, self.prl.clone());
         if let Some(v) = self.vendor {
@@ -296,7 +283,6 @@ fn full_mode_cycle_commits_before_ack() {
     let p = DhcpPacket::decode(&ack.reply.as_ref().unwrap().payload).unwrap();
     assert_eq!(p.message_type(), Some(MessageType::Ack));
     assert_eq!(p.yiaddr, ip);
-    e.apply(ack.lease.as_ref().unwrap());
 
     // Another client asking for the same address is refused.
     let mut other = Client::plain();
@@ -381,13 +367,12 @@ fn release_and_decline_remove_leases() {
     let mut req = c.packet();
     req.options.set(53, vec![3]);
     req.options.set(50, ip.octets().to_vec());
-    let ack = send(&mut e, &req, Port::Dhcp);
-    e.apply(ack.lease.as_ref().unwrap());
+    send(&mut e, &req, Port::Dhcp);
     let mut decline = c.packet();
     decline.options.set(53, vec![4]);
     decline.options.set(50, ip.octets().to_vec());
     let out = send(&mut e, &decline, Port::Dhcp);
-    assert!(matches!(out.lease, Some(LeaseChange::Remove(_))));
+    assert!(matches!(out.lease, Some(LeaseChange::Decline(_))));
     assert!(out.reply.is_none());
     // The quarantined address is not offered again.
     let again =
@@ -401,6 +386,334 @@ fn garbage_never_panics_and_is_not_answered() {
     for bytes in [&[][..], &[1u8; 10][..], &[0u8; 300][..], &[0xffu8; 600][..]] {
         assert!(e.handle(&rx(bytes, Port::Dhcp)).reply.is_none());
     }
+}
+
+fn engine_with(f: impl FnOnce(&mut DhcpConfig)) -> DhcpEngine {
+    let mut config = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0]), subnet([10, 9, 0, 0])],
+        ..Default::default()
+    };
+    f(&mut config);
+    config.validate().unwrap();
+    DhcpEngine::new(config, policy(), 8080, Vec::new())
+}
+
+fn decode(o: &Outcome) -> DhcpPacket {
+    DhcpPacket::decode(&o.reply.as_ref().expect("a reply").payload).unwrap()
+}
+
+/// DISCOVER then REQUEST (SELECTING); returns the ACKed address.
+fn dora(e: &mut DhcpEngine, c: &Client) -> Ipv4Addr {
+    let ip = decode(&send(e, &c.packet(), Port::Dhcp)).yiaddr;
+    let mut req = c.packet();
+    req.options.set(53, vec![3]);
+    req.options.set(54, SERVER.octets().to_vec());
+    req.options.set(50, ip.octets().to_vec());
+    let ack = send(e, &req, Port::Dhcp);
+    assert_eq!(decode(&ack).message_type(), Some(MessageType::Ack));
+    ip
+}
+
+fn request(c: &Client, f: impl FnOnce(&mut DhcpPacket)) -> DhcpPacket {
+    let mut req = c.packet();
+    req.options.set(53, vec![3]);
+    f(&mut req);
+    req
+}
+
+#[test]
+fn options_people_set_are_encoded_per_their_rfcs() {
+    let mut e = engine_with(|c| {
+        let s = &mut c.subnet[0];
+        s.search = vec!["lab.example".into(), "example".into()];
+        s.route = vec![crate::dhcp::RouteConfig {
+            network: Ipv4Addr::new(172, 16, 0, 0),
+            prefix_len: 12,
+            gateway: Ipv4Addr::new(10, 0, 0, 254),
+        }];
+        s.ntp = vec![Ipv4Addr::new(10, 0, 0, 5)];
+        s.mtu = Some(9000);
+        s.option = vec![crate::dhcp::RawOption {
+            code: 252,
+            hex: None,
+            text: Some("http://wpad/wpad.dat".into()),
+        }];
+    });
+    let p = decode(&send(&mut e, &Client::plain().packet(), Port::Dhcp));
+    // RFC 3397: uncompressed DNS names.
+    assert_eq!(
+        p.options.get(119),
+        Some(&b"\x03lab\x07example\x00\x07example\x00"[..])
+    );
+    // RFC 3442: /12 -> 2 significant octets; the router becomes 0/0 (option 3 is ignored).
+    assert_eq!(
+        p.options.get(121),
+        Some(&[12, 172, 16, 10, 0, 0, 254, 0, 10, 0, 0, 1][..])
+    );
+    assert_eq!(p.options.get(42), Some(&[10, 0, 0, 5][..]));
+    assert_eq!(p.options.get(26), Some(&9000u16.to_be_bytes()[..]));
+    assert_eq!(p.options.get(252), Some(&b"http://wpad/wpad.dat"[..]));
+    assert_eq!(p.options.get(15), Some(&b"lab"[..]));
+    assert_eq!(p.options.get(6), Some(&[10, 0, 0, 1][..]));
+}
+
+#[test]
+fn reservation_by_mac_and_by_client_id() {
+    let mut by_id = Client::plain();
+    by_id.mac = [0x52, 0x54, 0, 0, 0, 9];
+    let mut e = engine_with(|c| {
+        c.reservation = vec![
+            crate::dhcp::ReservationConfig {
+                mac: Some(MacAddr(Client::plain().mac)),
+                client_id: None,
+                ip: Ipv4Addr::new(10, 0, 0, 50),
+                hostname: Some("db1".into()),
+            },
+            crate::dhcp::ReservationConfig {
+                mac: None,
+                client_id: Some("ff:00:00:00:01".into()),
+                ip: Ipv4Addr::new(10, 0, 0, 51),
+                hostname: None,
+            },
+        ];
+    });
+    let offer = decode(&send(&mut e, &Client::plain().packet(), Port::Dhcp));
+    assert_eq!(offer.yiaddr, Ipv4Addr::new(10, 0, 0, 50));
+    assert_eq!(offer.options.get(12), Some(&b"db1"[..]));
+    let mut p = by_id.packet();
+    p.options.set(61, vec![0xff, 0, 0, 0, 1]);
+    assert_eq!(
+        decode(&send(&mut e, &p, Port::Dhcp)).yiaddr,
+        Ipv4Addr::new(10, 0, 0, 51)
+    );
+    // A reserved address is never given to someone else, even on request.
+    let mut other = Client::plain();
+    other.mac = [0x52, 0x54, 0, 0, 0, 0x77];
+    let nak = send(
+        &mut e,
+        &request(&other, |r| r.options.set(50, vec![10, 0, 0, 50])),
+        Port::Dhcp,
+    );
+    assert_eq!(decode(&nak).message_type(), Some(MessageType::Nak));
+    // The reserved machine asking for a pool address is moved to its reservation.
+    let nak = send(
+        &mut e,
+        &request(&Client::plain(), |r| r.options.set(50, vec![10, 0, 0, 120])),
+        Port::Dhcp,
+    );
+    assert_eq!(decode(&nak).message_type(), Some(MessageType::Nak));
+}
+
+#[test]
+fn one_address_through_the_whole_boot_despite_changing_client_ids() {
+    let mut e = engine(DhcpMode::Full);
+    let firmware = Client::edk2();
+    let ip = dora(&mut e, &firmware);
+    // iPXE and then the OS send other client identifiers from the same NIC.
+    for id in [
+        vec![1, 0x52, 0x54, 0, 0, 0, 2],
+        vec![0xff, 1, 2, 3, 4, 5, 6, 7, 8],
+    ] {
+        let mut p = Client::plain().packet();
+        p.chaddr[..6].copy_from_slice(&firmware.mac);
+        p.options.set(61, id);
+        assert_eq!(decode(&send(&mut e, &p, Port::Dhcp)).yiaddr, ip);
+    }
+}
+
+#[test]
+fn init_reboot_renewing_rebinding() {
+    let mut e = engine(DhcpMode::Full);
+    let c = Client::plain();
+    let ip = dora(&mut e, &c);
+    // INIT-REBOOT: no server id, requested address, no ciaddr.
+    let out = send(
+        &mut e,
+        &request(&c, |r| r.options.set(50, ip.octets().to_vec())),
+        Port::Dhcp,
+    );
+    assert_eq!(decode(&out).message_type(), Some(MessageType::Ack));
+    assert!(matches!(out.lease, Some(LeaseChange::Renew(_))));
+    // INIT-REBOOT on a foreign network: NAK, broadcast (RFC 2131 4.3.2).
+    let out = send(
+        &mut e,
+        &request(&c, |r| r.options.set(50, vec![192, 168, 7, 7])),
+        Port::Dhcp,
+    );
+    assert_eq!(decode(&out).message_type(), Some(MessageType::Nak));
+    assert_eq!(out.reply.unwrap().dest, Destination::Broadcast);
+    // RENEWING: ciaddr, unicast back to ciaddr.
+    let out = send(&mut e, &request(&c, |r| r.ciaddr = ip), Port::Dhcp);
+    assert_eq!(decode(&out).yiaddr, ip);
+    assert_eq!(
+        out.reply.unwrap().dest,
+        Destination::Unicast(SocketAddrV4::new(ip, CLIENT_PORT))
+    );
+    // Another client renewing our address: NAK.
+    let mut thief = Client::plain();
+    thief.mac = [0x52, 0x54, 0, 0, 0, 0x66];
+    let out = send(&mut e, &request(&thief, |r| r.ciaddr = ip), Port::Dhcp);
+    assert_eq!(decode(&out).message_type(), Some(MessageType::Nak));
+}
+
+#[test]
+fn not_authoritative_stays_silent_for_unknown_clients() {
+    let mut e = engine_with(|c| c.authoritative = false);
+    let c = Client::plain();
+    for f in [
+        (|r: &mut DhcpPacket| r.options.set(50, vec![192, 168, 7, 7])) as fn(&mut DhcpPacket),
+        |r: &mut DhcpPacket| r.ciaddr = Ipv4Addr::new(192, 168, 7, 7),
+    ] {
+        let out = send(&mut e, &request(&c, f), Port::Dhcp);
+        assert!(out.reply.is_none(), "{:?}", out.events);
+    }
+    // A free address on this network is granted (a client keeps its address after the
+    // store was lost: the recovery path for a damaged store).
+    let out = send(
+        &mut e,
+        &request(&c, |r| r.ciaddr = Ipv4Addr::new(10, 0, 0, 150)),
+        Port::Dhcp,
+    );
+    assert_eq!(decode(&out).yiaddr, Ipv4Addr::new(10, 0, 0, 150));
+    // It does NAK a client it knows, asking for a wrong address.
+    dora(&mut e, &c);
+    let out = send(
+        &mut e,
+        &request(&c, |r| r.options.set(50, vec![192, 168, 7, 7])),
+        Port::Dhcp,
+    );
+    assert_eq!(decode(&out).message_type(), Some(MessageType::Nak));
+}
+
+#[test]
+fn selecting_another_server_is_silent_and_inform_gets_no_lease() {
+    let mut e = engine(DhcpMode::Full);
+    let c = Client::plain();
+    let out = send(
+        &mut e,
+        &request(&c, |r| {
+            r.options.set(54, vec![10, 0, 0, 254]);
+            r.options.set(50, vec![10, 0, 0, 120]);
+        }),
+        Port::Dhcp,
+    );
+    assert!(out.reply.is_none() && out.lease.is_none());
+    let mut inform = c.packet();
+    inform.options.set(53, vec![8]);
+    inform.ciaddr = Ipv4Addr::new(10, 0, 0, 33);
+    let out = send(&mut e, &inform, Port::Dhcp);
+    let p = decode(&out);
+    assert_eq!(p.message_type(), Some(MessageType::Ack));
+    assert_eq!(p.yiaddr, Ipv4Addr::UNSPECIFIED);
+    assert!(p.options.get(51).is_none(), "RFC 2131 4.3.5: no lease time");
+    assert!(out.lease.is_none());
+    assert_eq!(
+        out.reply.unwrap().dest,
+        Destination::Unicast(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 33), CLIENT_PORT))
+    );
+}
+
+#[test]
+fn pool_exhaustion_offers_nothing() {
+    let mut e = engine_with(|c| {
+        c.subnet[0].pool_start = Ipv4Addr::new(10, 0, 0, 100);
+        c.subnet[0].pool_end = Ipv4Addr::new(10, 0, 0, 101);
+    });
+    for n in 0..2u8 {
+        let mut c = Client::plain();
+        c.mac[5] = 0x10 + n;
+        dora(&mut e, &c);
+    }
+    let mut late = Client::plain();
+    late.mac[5] = 0x20;
+    let out = send(&mut e, &late.packet(), Port::Dhcp);
+    assert!(out.reply.is_none());
+    assert!(out.events.iter().any(|ev| ev.detail.contains("exhausted")));
+}
+
+#[test]
+fn two_clients_in_one_batch_never_share_an_address() {
+    // The driver holds ACKs until the batch is durable; the engine must already have
+    // recorded the first lease when it decides the second.
+    let mut e = engine(DhcpMode::Full);
+    let a = Client::plain();
+    let mut b = Client::plain();
+    b.mac[5] = 0x44;
+    let ip = decode(&send(&mut e, &a.packet(), Port::Dhcp)).yiaddr;
+    let req = |c: &Client| request(c, |r| r.options.set(50, ip.octets().to_vec()));
+    let first = send(&mut e, &req(&a), Port::Dhcp);
+    assert!(matches!(first.lease, Some(LeaseChange::Commit(_))));
+    let second = send(&mut e, &req(&b), Port::Dhcp);
+    assert_eq!(decode(&second).message_type(), Some(MessageType::Nak));
+    assert!(second.lease.is_none());
+}
+
+#[test]
+fn relay_agent_information_is_echoed_and_link_selection_picks_the_subnet() {
+    let mut e = engine(DhcpMode::Full);
+    let mut p = Client::plain().packet();
+    p.giaddr = Ipv4Addr::new(10, 0, 0, 2);
+    // Circuit id "eth3", link selection 10.9.0.0 (RFC 3527).
+    let info = vec![1, 4, b'e', b't', b'h', b'3', 5, 4, 10, 9, 0, 0];
+    p.options.set(82, info.clone());
+    let out = send(&mut e, &p, Port::Dhcp);
+    let offer = decode(&out);
+    assert!(
+        subnet([10, 9, 0, 0]).contains(offer.yiaddr),
+        "{}",
+        offer.yiaddr
+    );
+    assert_eq!(offer.options.get(82), Some(&info[..]));
+    assert_eq!(
+        out.reply.unwrap().dest,
+        Destination::Unicast(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), SERVER_PORT))
+    );
+}
+
+#[test]
+fn release_frees_and_decline_of_others_address_is_ignored() {
+    let mut e = engine(DhcpMode::Full);
+    let c = Client::plain();
+    let ip = dora(&mut e, &c);
+    let mut other = Client::plain();
+    other.mac[5] = 0x55;
+    let mut decline = other.packet();
+    decline.options.set(53, vec![4]);
+    decline.options.set(50, ip.octets().to_vec());
+    assert!(send(&mut e, &decline, Port::Dhcp).lease.is_none());
+    let mut release = c.packet();
+    release.options.set(53, vec![7]);
+    release.ciaddr = ip;
+    let out = send(&mut e, &release, Port::Dhcp);
+    assert!(matches!(out.lease, Some(LeaseChange::Release(_))));
+    assert!(out.reply.is_none(), "RFC 2131 4.3.4: no reply to RELEASE");
+    assert!(e.pool().lease(&MacAddr(c.mac)).is_none());
+}
+
+#[test]
+fn leases_expire_on_tick() {
+    let mut e = engine(DhcpMode::Full);
+    let ip = dora(&mut e, &Client::plain());
+    assert!(e.tick(NOW + 1000).is_empty());
+    let ended = e.tick(NOW + 3601 * 1000);
+    assert!(matches!(&ended[..], [LeaseChange::Expire(l)] if l.ip == ip));
+}
+
+#[test]
+fn malformed_requests_are_dropped() {
+    let mut e = engine(DhcpMode::Full);
+    // A REQUEST with neither requested address nor ciaddr.
+    let out = send(&mut e, &request(&Client::plain(), |_| {}), Port::Dhcp);
+    assert!(out.reply.is_none() && out.lease.is_none());
+    // Truncated and oversized option lengths.
+    let mut bytes = Client::plain().packet().encode(&[]);
+    bytes.truncate(245);
+    assert!(e.handle(&rx(&bytes, Port::Dhcp)).reply.is_none());
+    // A BOOTREPLY sent to the server.
+    let mut p = Client::plain().packet();
+    p.op = Op::Reply;
+    assert!(send(&mut e, &p, Port::Dhcp).reply.is_none());
 }
 
 /// The packets real firmware sent under QEMU (tests/fixtures/dhcp), replayed through the engine:
@@ -460,6 +773,20 @@ mod fixture_tests {
     }
 
     #[test]
+    fn edk2_http_boot_gets_a_url_and_httpclient() {
+        // The DISCOVER EDK2's HttpBootDxe sent under QEMU (arch 16, `HTTPClient`).
+        for mode in [DhcpMode::Proxy, DhcpMode::Full] {
+            let p = reply_to(mode, "edk2-http-discover", Port::Dhcp);
+            assert_eq!(p.options.get(60), Some(&b"HTTPClient"[..]), "{mode:?}");
+            assert_eq!(p.file, b"http://10.0.0.1:8080/snponly.efi", "{mode:?}");
+            assert!(
+                p.options.get(43).is_none(),
+                "no PXE sub-options for HTTP boot"
+            );
+        }
+    }
+
+    #[test]
     fn edk2_request_on_4011_gets_an_ack_with_the_file() {
         let p = reply_to(DhcpMode::Proxy, "edk2-pxe-request", Port::BootServer);
         assert_eq!(p.message_type(), Some(MessageType::Ack));
@@ -499,5 +826,127 @@ mod fixture_tests {
             .filter(|c| codes.contains(c) && *c != 53 && *c != 54)
             .collect();
         assert_eq!(in_prl, expected);
+    }
+}
+
+fn reply_with(config: DhcpConfig, c: &Client) -> DhcpPacket {
+    let mut e = DhcpEngine::new(config, policy(), 8080, Vec::new());
+    DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload).unwrap()
+}
+
+#[test]
+fn compat_settings_default_on_and_each_can_be_turned_off() {
+    let base = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..DhcpConfig::default()
+    };
+    let c = Client::edk2();
+    let on = reply_with(base.clone(), &c);
+    assert_eq!(on.options.get(60), Some(&b"PXEClient"[..]));
+    assert!(on.options.contains(43));
+    assert!(on.options.contains(67) && !on.file.is_empty() && on.siaddr == SERVER);
+
+    // Q3: a server without option 60.
+    let no60 = reply_with(
+        DhcpConfig {
+            pxe_vendor_option: false,
+            ..base.clone()
+        },
+        &c,
+    );
+    assert!(!no60.options.contains(60) && no60.options.contains(43));
+    // Q2: a server without option 43.
+    let no43 = reply_with(
+        DhcpConfig {
+            discovery_control: false,
+            ..base.clone()
+        },
+        &c,
+    );
+    assert!(!no43.options.contains(43) && no43.options.contains(60));
+    // Q1: header only, then options only.
+    let header = reply_with(
+        DhcpConfig {
+            boot_file: BootFileFields::Header,
+            ..base.clone()
+        },
+        &c,
+    );
+    assert!(!header.options.contains(66) && !header.options.contains(67));
+    assert_eq!(header.file, b"snponly.efi");
+    let options = reply_with(
+        DhcpConfig {
+            boot_file: BootFileFields::Options,
+            ..base
+        },
+        &c,
+    );
+    assert_eq!(options.options.get(67), Some(&b"snponly.efi"[..]));
+    assert_eq!(options.options.get(66), Some(SERVER.to_string().as_bytes()));
+    assert!(options.file.is_empty() && options.sname.is_empty());
+    assert!(options.siaddr.is_unspecified());
+}
+
+#[test]
+fn arch_from_option_60_when_93_is_missing_unless_turned_off() {
+    let base = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..DhcpConfig::default()
+    };
+    let mut c = Client::edk2();
+    c.arch = None;
+    // Q5: option 60 says Arch:00007, so the client still gets the UEFI program.
+    assert_eq!(reply_with(base.clone(), &c).file, b"snponly.efi");
+    let strict = reply_with(
+        DhcpConfig {
+            arch_from_vendor_class: false,
+            ..base
+        },
+        &c,
+    );
+    assert_ne!(
+        strict.file, b"snponly.efi",
+        "read as BIOS without option 93"
+    );
+}
+
+/// Q12: one boot sends several DHCP conversations; retransmissions and missing UUIDs must not
+/// change the answer, and a client that skips 4011 still gets its boot file on port 67.
+mod repeated_and_partial_clients {
+    use super::*;
+
+    #[test]
+    fn retransmitted_discover_gets_the_same_offer() {
+        let mut e = engine(DhcpMode::Full);
+        let mut c = Client::edk2();
+        c.uuid = None;
+        let first =
+            DhcpPacket::decode(&send(&mut e, &c.packet(), Port::Dhcp).reply.unwrap().payload)
+                .unwrap();
+        let mut again = c.packet();
+        again.secs = 8;
+        let second =
+            DhcpPacket::decode(&send(&mut e, &again, Port::Dhcp).reply.unwrap().payload).unwrap();
+        assert_eq!(first.yiaddr, second.yiaddr);
+        assert_eq!(first.file, second.file);
+        assert!(
+            second.options.get(97).is_none(),
+            "no UUID sent, none echoed"
+        );
+    }
+
+    #[test]
+    fn proxy_request_on_67_to_pxed_gets_an_ack() {
+        let mut e = engine(DhcpMode::Proxy);
+        let mut req = Client::edk2().packet();
+        req.options.set(53, vec![3]);
+        req.options.set(54, SERVER.octets().to_vec());
+        let out = send(&mut e, &req, Port::Dhcp);
+        let p = DhcpPacket::decode(&out.reply.unwrap().payload).unwrap();
+        assert_eq!(p.message_type(), Some(MessageType::Ack));
+        assert_eq!(p.yiaddr, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(p.file, b"snponly.efi");
     }
 }
