@@ -16,9 +16,9 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use pxed::config::Config;
+use pxed::dhcp::DhcpMode;
 use pxed::dhcp::engine::{DhcpEngine, LeaseChange, Port, Received};
 use pxed::dhcp::wire::{DhcpOptions, DhcpPacket, MessageType, Op};
-use pxed::dhcp::{DhcpConfig, DhcpMode};
 
 /// A policy touching every branch the engine takes on the plan: kernel (iPXE), menus, an NBP,
 /// an ignored machine, a machine with a hostname, groups on arch and vendor class.
@@ -88,6 +88,8 @@ struct Step {
     /// Which address the packet arrived on (ours, or a network we do not serve).
     foreign_link: bool,
     src_port: u16,
+    /// Run the driver's expiry tick after this packet.
+    tick: bool,
     msg: Msg,
 }
 
@@ -208,44 +210,37 @@ fn build(b: &Built) -> Vec<u8> {
     bytes
 }
 
-fn subnet(network: [u8; 4], size: u8, lease_secs: u8) -> pxed::dhcp::SubnetConfig {
-    let [a, b, c, _] = network;
-    pxed::dhcp::SubnetConfig {
-        network: Ipv4Addr::from(network),
-        prefix_len: 24,
-        pool_start: Ipv4Addr::new(a, b, c, 100),
-        pool_end: Ipv4Addr::new(a, b, c, 100 + size % 4),
-        router: Some(Ipv4Addr::new(a, b, c, 1)),
-        dns: vec![Ipv4Addr::new(a, b, c, 1)],
-        domain: Some("lab".into()),
-        lease_time: std::time::Duration::from_secs(u64::from(lease_secs.max(1))),
-    }
-}
-
 fn in_pool(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
     matches!(o, [10, 0, 0, h] | [10, 9, 0, h] if (100..=103).contains(&h))
 }
 
 fuzz_target!(|input: Input| {
-    let policy = match Config::parse(POLICY, Path::new("fuzz.toml")) {
-        Ok(c) => Arc::new(c.policy),
-        Err(e) => panic!("fuzz policy does not parse: {e}"),
+    // Two subnets (one reached through a relay) with small pools, from the config text as
+    // an administrator would write it.
+    let end = 100 + input.pool_size % 4;
+    let mut text = String::from(POLICY);
+    for net in ["10.0.0", "10.9.0"] {
+        text.push_str(&format!(
+            "\n[[dhcp.subnet]]\nnetwork = \"{net}.0\"\nprefix_len = 24\npool_start = \"{net}.100\"\n\
+             pool_end = \"{net}.{end}\"\nrouter = \"{net}.1\"\ndns = [\"{net}.1\"]\n\
+             domain = \"lab\"\nlease_time = \"{}s\"\n",
+            input.lease_secs.max(1)
+        ));
+    }
+    let parsed = match Config::parse(&text, Path::new("fuzz.toml")) {
+        Ok(c) => c,
+        Err(e) => panic!("fuzz config does not parse: {e}"),
     };
+    let policy = Arc::new(parsed.policy);
     let mode = if input.full {
         DhcpMode::Full
     } else {
         DhcpMode::Proxy
     };
-    let config = DhcpConfig {
-        mode,
-        port_4011: input.port_4011,
-        subnet: vec![
-            subnet([10, 0, 0, 0], input.pool_size, input.lease_secs),
-            subnet([10, 9, 0, 0], input.pool_size, input.lease_secs),
-        ],
-        end_ipv6_wait: None,
-    };
+    let mut config = parsed.dhcp;
+    config.mode = mode;
+    config.port_4011 = input.port_4011;
     let mut engine = DhcpEngine::new(config, policy, 8080, Vec::new());
     let mut now_ms: u64 = 1_700_000_000_000;
     for step in input.steps.iter().take(64) {
@@ -306,20 +301,27 @@ fuzz_target!(|input: Input| {
                 );
             }
         }
+        // The driver also ends leases whose time is up, between packets.
+        let expired = if step.tick {
+            engine.tick(now_ms)
+        } else {
+            Vec::new()
+        };
+        for change in &expired {
+            assert!(matches!(change, LeaseChange::Expire(l) if l.expires <= now_ms / 1000));
+        }
         match &out.lease {
-            Some(LeaseChange::Commit(lease)) => {
+            Some(LeaseChange::Commit(lease) | LeaseChange::Renew(lease)) => {
                 let req = req.as_ref().expect("a lease for bytes that do not decode");
                 assert_eq!(mode, DhcpMode::Full, "a lease in proxy mode");
                 assert_eq!(Some(lease.mac), req.mac(), "lease for another MAC");
+                assert!(in_pool(lease.ip), "lease outside the pools");
                 let reply = out.reply.as_ref().expect("a lease without a reply");
                 assert_eq!(reply.packet.yiaddr, lease.ip, "ACK and lease disagree");
                 assert_eq!(reply.packet.message_type(), Some(MessageType::Ack));
             }
-            Some(LeaseChange::Remove(_)) => assert_eq!(mode, DhcpMode::Full),
+            Some(_) => assert_eq!(mode, DhcpMode::Full, "a lease ended in proxy mode"),
             None => {}
-        }
-        if let Some(change) = &out.lease {
-            engine.apply(change);
         }
 
         // RFC 2131 4.3.1/4.3.2: an address is never leased to two clients at once.
