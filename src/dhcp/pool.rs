@@ -546,4 +546,32 @@ mod tests {
         p.apply(p.prepare(&key(1), LINK, a, None, 0).unwrap());
         assert!(p.check(&key(2), LINK, a, 601).is_ok());
     }
+
+    /// Regression (fuzz/artifacts/dhcp_engine/double-lease-min): A's lease expires, B is given
+    /// the address, then A releases it (or moves to another address). That must not free B's
+    /// address for a third client.
+    #[test]
+    fn stale_lease_does_not_free_the_new_holders_address() {
+        for a_moves_instead in [false, true] {
+            let mut p = Pool::new(vec![subnet()], []);
+            let x = p.offer(&key(1), LINK, None, 0).unwrap();
+            p.apply(p.prepare(&key(1), LINK, x, None, 0).unwrap());
+            // A's lease (600 s) has expired; B takes the address.
+            p.apply(p.prepare(&key(2), LINK, x, None, 700).unwrap());
+            assert_eq!(p.owner(x), Some(mac(2)));
+            if a_moves_instead {
+                let y = p.offer(&key(1), LINK, None, 701).unwrap();
+                assert_ne!(y, x);
+                p.apply(p.prepare(&key(1), LINK, y, None, 701).unwrap());
+            } else {
+                p.release(&mac(1), x);
+            }
+            assert_eq!(p.owner(x), Some(mac(2)), "B still owns the address");
+            assert!(matches!(
+                p.check(&key(3), LINK, x, 702),
+                Err(NakReason::Taken { .. })
+            ));
+            assert_ne!(p.offer(&key(3), LINK, Some(x), 702), Some(x));
+        }
+    }
 }

@@ -1219,4 +1219,60 @@ mod tests {
             assert!(!prl.contains(&66), "HTTP boot asks for no TFTP server");
         }
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn sub_options() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+            proptest::collection::vec(
+                (1u8..=254, proptest::collection::vec(any::<u8>(), 0..=255)),
+                0..8,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Option 175 round trip; option 43 from arbitrary bytes round-trips whenever it
+            /// decodes and re-encodes (the fuzz target `dhcp_wire` runs the same check).
+            #[test]
+            fn ipxe_options_round_trip(entries in sub_options()) {
+                let o = IpxeOptions { entries };
+                let bytes = o.encode().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(IpxeOptions::decode(&bytes), Ok(o));
+            }
+
+            #[test]
+            fn pxe_vendor_options_round_trip(
+                control in proptest::option::of(any::<u8>()),
+                servers in proptest::collection::vec(
+                    (any::<u16>(), proptest::collection::vec(any::<[u8; 4]>(), 0..4)), 0..4),
+                menu in proptest::collection::vec((any::<u16>(), "[a-zA-Z0-9 ]{0,40}"), 0..4),
+                prompt in proptest::option::of((any::<u8>(), "[a-zA-Z0-9 ]{0,40}")),
+                item in proptest::option::of((any::<u16>(), any::<u16>())),
+                raw in proptest::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let o = PxeVendorOptions {
+                    discovery_control: control,
+                    boot_servers: servers
+                        .into_iter()
+                        .map(|(kind, a)| BootServer { kind, addrs: a.into_iter().map(Ipv4Addr::from).collect() })
+                        .collect(),
+                    menu: menu.into_iter().map(|(kind, description)| MenuEntry { kind, description }).collect(),
+                    prompt,
+                    boot_item: item,
+                    other: Vec::new(),
+                };
+                if let Ok(bytes) = o.encode() {
+                    prop_assert_eq!(PxeVendorOptions::decode(&bytes), Ok(o));
+                }
+                if let Ok(d) = PxeVendorOptions::decode(&raw)
+                    && let Ok(bytes) = d.encode()
+                {
+                    prop_assert_eq!(PxeVendorOptions::decode(&bytes), Ok(d));
+                }
+            }
+        }
+    }
 }

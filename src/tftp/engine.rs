@@ -25,6 +25,12 @@ pub const WINDOW_BYTES_DEFAULT: u32 = 64 << 10;
 pub const TIMEOUT_OPTION_RANGE: std::ops::RangeInclusive<u64> = 1..=255;
 /// Progress events are produced at most this often per transfer.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Longest retransmission timeout used, whatever [`Limits`] says: the largest RFC 2349 timeout
+/// option. It also keeps `now + timeout` from overflowing `Instant` (found by fuzzing).
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(255);
+/// Longest whole-transfer deadline used: a day is far beyond any boot file, and keeps
+/// `now + deadline` from overflowing `Instant` for a huge configured value (found by fuzzing).
+pub const DEADLINE_MAX: Duration = Duration::from_secs(86_400);
 
 /// Retransmission and size limits for one transfer, resolved by the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,7 +192,7 @@ pub fn negotiate(req: &Request, len: u64, limits: &Limits) -> Negotiated {
     let mut n = Negotiated {
         blksize: BLKSIZE_DEFAULT,
         windowsize: 1,
-        timeout: limits.timeout,
+        timeout: limits.timeout.min(TIMEOUT_MAX),
         tsize: false,
         oack: Vec::new(),
     };
@@ -295,7 +301,7 @@ impl Transfer {
             max_retries: limits.max_retries,
             timer: None,
             started: now,
-            deadline: now + limits.deadline,
+            deadline: now + limits.deadline.min(DEADLINE_MAX),
             last_progress: now,
         };
         let mut out = Vec::new();

@@ -403,4 +403,60 @@ mod tests {
         let e = encode_error(ErrorCode::FileNotFound, "nope");
         assert_eq!(parse(&e).unwrap(), Packet::Error(1, "nope".into()));
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Option names and values as `parse` returns them: short, printable ASCII, lower case.
+        fn text(min: usize) -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![Just(b' '), 0x21u8..=0x7e],
+                min..=MAX_OPTION_TEXT,
+            )
+            .prop_map(|b| String::from_utf8_lossy(&b).to_ascii_lowercase())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// A request survives encode/parse; the fuzz target `tftp_wire` checks the other
+            /// direction (parse/encode) on arbitrary bytes.
+            #[test]
+            fn request_round_trip(
+                write in any::<bool>(),
+                name in "[^\\x00]{1,200}",
+                mode in prop_oneof![Just(Mode::Octet), Just(Mode::Netascii), Just(Mode::Mail)],
+                opts in proptest::collection::vec((text(1), text(0)), 0..=MAX_OPTIONS),
+            ) {
+                let mut unique: Vec<(String, String)> = Vec::new();
+                for (n, v) in opts {
+                    if !unique.iter().any(|(u, _)| *u == n) {
+                        unique.push((n, v));
+                    }
+                }
+                let refs: Vec<(&str, &str)> =
+                    unique.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                let bytes = encode_request(write, &name, mode.as_str(), &refs);
+                prop_assume!(bytes.len() <= MAX_REQUEST_BYTES);
+                let want = Request { write, filename: name, mode, options: unique };
+                prop_assert_eq!(parse(&bytes), Ok(Packet::Request(want)));
+            }
+
+            #[test]
+            fn data_ack_oack_round_trip(
+                block in any::<u16>(),
+                payload in proptest::collection::vec(any::<u8>(), 0..600),
+                opts in proptest::collection::btree_map(text(1), text(0), 0..=MAX_OPTIONS),
+            ) {
+                let data = encode_data(block, &payload);
+                prop_assert_eq!(parse(&data), Ok(Packet::Data(block, &payload[..])));
+                let ack = encode_ack(block);
+                prop_assert_eq!(parse(&ack), Ok(Packet::Ack(block)));
+                let opts: Vec<(String, String)> = opts.into_iter().collect();
+                let oack = encode_oack(&opts);
+                prop_assert_eq!(parse(&oack), Ok(Packet::Oack(opts.clone())));
+            }
+        }
+    }
 }

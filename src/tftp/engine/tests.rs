@@ -676,3 +676,33 @@ fn the_default_window_budget_fits_a_default_client_buffer() {
     ));
     assert_eq!(took, Duration::ZERO, "no timeout may be needed");
 }
+
+/// Fuzzing found that a huge `[tftp] timeout_ms` or `transfer_deadline_secs` (which the server
+/// turns into `Limits` as they are) made `Transfer::start` panic adding them to `Instant`.
+/// Reproducer: fuzz/artifacts/tftp_engine/instant-overflow.
+#[test]
+fn huge_configured_limits_are_capped() {
+    let limits = Limits {
+        timeout: Duration::from_millis(u64::MAX),
+        deadline: Duration::from_secs(u64::MAX),
+        max_retries: 2,
+        ..Limits::default()
+    };
+    let t0 = Instant::now();
+    for options in [&[][..], &[("blksize", "1024")][..]] {
+        let (mut t, first) = Transfer::start(&rrq("octet", options), 5000, &limits, t0);
+        assert!(!first.is_empty());
+        assert_eq!(t.negotiated().timeout, TIMEOUT_MAX);
+        let mut now = t0;
+        let mut ticks = 0;
+        while let Some(at) = t.next_deadline() {
+            assert!(at <= t0 + DEADLINE_MAX);
+            now = now.max(at);
+            t.on_timer(now);
+            ticks += 1;
+            assert!(ticks <= 10, "retries are not counted");
+        }
+        // Two retransmissions of TIMEOUT_MAX each, then the third timeout gives up.
+        assert_eq!(now - t0, TIMEOUT_MAX * 3);
+    }
+}
