@@ -264,13 +264,7 @@ pub fn render_pxelinux(plan: &BootPlan, mac: &MacAddr) -> Option<String> {
             initrd,
             cmdline,
         } => {
-            let files = root_path(kernel).and_then(|k| {
-                let i = initrd
-                    .iter()
-                    .map(|p| root_path(p))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((k, i))
-            });
+            let files = kernel_files(kernel, initrd);
             match files {
                 Ok((kernel, initrds)) => {
                     s.push_str("DEFAULT pxed\nLABEL pxed\n");
@@ -291,6 +285,16 @@ pub fn render_pxelinux(plan: &BootPlan, mac: &MacAddr) -> Option<String> {
         _ => return None,
     }
     Some(s)
+}
+
+/// The kernel and initrds of a `Kernel` target as paths in the TFTP root, or why not.
+fn kernel_files(kernel: &str, initrd: &[String]) -> Result<(String, Vec<String>), String> {
+    let k = root_path(kernel)?;
+    let i = initrd
+        .iter()
+        .map(|p| root_path(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((k, i))
 }
 
 /// One GRUB word that GRUB's parser takes literally: single-quoted, with `'` written as `'\''`.
@@ -322,13 +326,7 @@ pub fn render_grub(plan: &BootPlan, mac: &MacAddr) -> Option<String> {
             initrd,
             cmdline,
         } => {
-            let files = root_path(kernel).and_then(|k| {
-                let i = initrd
-                    .iter()
-                    .map(|p| root_path(p))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((k, i))
-            });
+            let files = kernel_files(kernel, initrd);
             match files {
                 Ok((kernel, initrds)) => {
                     // Word by word: GRUB joins the arguments of `linux` with spaces, and would
