@@ -17,8 +17,8 @@ use pxed::server::{self, ServeOptions};
 ///     pxed serve --interface eth0 --root /srv/netboot
 ///
 /// pxed then answers only machines that network-boot, hands BIOS firmware undionly.kpxe and
-/// UEFI firmware snponly.efi (copied from Debian's `ipxe` package into the root if missing),
-/// and hands iPXE a script from its HTTP server. Put the boot policy in a config file for
+/// UEFI firmware snponly.efi by TFTP (put them in the root, e.g. from Debian's `ipxe`
+/// package: /usr/lib/ipxe/), and hands iPXE a script from its HTTP server. Put the boot policy in a config file for
 /// more: `pxed serve --config pxed.toml`; check it first with `pxed check pxed.toml`.
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
