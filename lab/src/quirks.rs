@@ -946,23 +946,17 @@ mod tests {
 
     const CLIENT: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 
+    /// A broadcast frame from the client, built by the module's own `udp_frame`.
     fn udp_frame(ips: ([u8; 4], [u8; 4]), ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
-        let mut f = Vec::new();
-        f.extend_from_slice(&[0xff; 6]);
-        f.extend_from_slice(&CLIENT);
-        f.extend_from_slice(&[8, 0]);
-        let total = (20 + 8 + payload.len()) as u16;
-        f.extend_from_slice(&[0x45, 0]);
-        f.extend_from_slice(&total.to_be_bytes());
-        f.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_UDP, 0, 0]);
-        f.extend_from_slice(&ips.0);
-        f.extend_from_slice(&ips.1);
-        f.extend_from_slice(&ports.0.to_be_bytes());
-        f.extend_from_slice(&ports.1.to_be_bytes());
-        f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        f.extend_from_slice(&[0, 0]);
-        f.extend_from_slice(payload);
-        f
+        super::udp_frame(
+            CLIENT,
+            [0xff; 6],
+            Ipv4Addr::from(ips.0),
+            Ipv4Addr::from(ips.1),
+            ports.0,
+            ports.1,
+            payload,
+        )
     }
 
     fn dhcp(op: u8, msg: u8, opts: &[(u8, &[u8])]) -> Vec<u8> {
