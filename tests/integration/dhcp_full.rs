@@ -11,7 +11,7 @@ use pxed::dhcp::wire::{DhcpPacket, MessageType};
 use serde_json::Value;
 
 use crate::require_root;
-use crate::support::{Daemon, Lan, NetNs, run, udp_listening, unique, wait_for};
+use crate::support::{Daemon, Lan, run, udp_listening, unique, wait_for};
 
 /// Writes a full-mode config for one subnet `10.X.0.0/24` with pxed at `.1`.
 fn config(dir: &Path, net: u8, extra: &str) -> PathBuf {
@@ -75,17 +75,6 @@ initrd = ["initrd.img"]
     let path = dir.join("pxed.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn start_pxed(ns: &NetNs, cfg: &Path, log: &Path) -> Daemon {
-    let mut cmd = ns.command(env!("CARGO_BIN_EXE_pxed"));
-    cmd.arg("serve").arg("--config").arg(cfg);
-    let mut d = Daemon::spawn(cmd, log);
-    wait_for("pxed on port 67", Duration::from_secs(10), || {
-        d.assert_running();
-        udp_listening(ns, 67).then_some(())
-    });
-    d
 }
 
 /// `pxed leases --json`: mac -> ip. Reads the store beside the running server.
@@ -153,7 +142,8 @@ fn real_clients_get_leases_options_renew_release_and_reboot() {
     let c2 = lan.host("fdh", None);
     let c3 = lan.host("fdc", None);
     let cfg = config(dir.path(), 232, "");
-    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"));
+    let mut pxed =
+        crate::support::start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
     let diag = |pxed: &Daemon| format!("pxed log:\n{}", pxed.log_text());
 
     // busybox udhcpc: DORA with the options people set, renew on USR1, release on USR2.
@@ -353,7 +343,8 @@ router = "10.237.0.1"
     let at = text.find("[tftp]").unwrap();
     text.insert_str(at, far_subnet);
     std::fs::write(&cfg, text).unwrap();
-    let mut pxed = start_pxed(&near.hosts[srv], &cfg, &dir.path().join("pxed.log"));
+    let mut pxed =
+        crate::support::start_pxed(&near.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
 
     let mut cmd = near.hosts[relay].command("dhcrelay");
     cmd.args([
@@ -566,7 +557,8 @@ fn every_ack_follows_the_sync_that_holds_its_lease_and_survives_sigkill() {
     }
     let unique_ips: HashSet<_> = stored.values().collect();
     assert_eq!(unique_ips.len(), stored.len(), "an address has two owners");
-    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed2.log"));
+    let mut pxed =
+        crate::support::start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed2.log"), &[]);
     // A DISCOVER from an ACKed MAC (relayed like perfdhcp) gets its address again.
     let (mac, ip) = acked.iter().next().unwrap();
     let mac_bytes: Vec<u8> = mac
@@ -621,7 +613,7 @@ fn conflict_probe_skips_an_address_a_host_squats_on() {
     let _squatter = lan.host("psq", Some("10.239.0.100/24"));
     let cli = lan.host("pcl", None);
     let cfg = config(dir.path(), 239, "conflict_probe = \"icmp\"");
-    let pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"));
+    let pxed = crate::support::start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
     let (script, events) = udhcpc_script(dir.path());
     let started = std::time::Instant::now();
     let out = lan.hosts[cli]
@@ -679,7 +671,8 @@ fn sighup_reloads_options_keeps_leases_and_survives_a_broken_config() {
     let srv = lan.host("hsv", Some("10.240.0.1/24"));
     let cli = lan.host("hcl", None);
     let cfg = config(dir.path(), 240, "");
-    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"));
+    let mut pxed =
+        crate::support::start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
     let (script, events) = udhcpc_script(dir.path());
     let mut cmd = lan.hosts[cli].command("udhcpc");
     cmd.args(["-f", "-i", "eth0", "-t", "10", "-T", "1", "-s"])
@@ -824,7 +817,7 @@ fn imported_leases_and_static_hosts_are_served() {
     std::fs::write(&cfg, text).unwrap();
     let mut lan = Lan::new();
     let srv = lan.host("isv", Some("10.241.0.1/24"));
-    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &d.join("pxed.log"));
+    let mut pxed = crate::support::start_pxed(&lan.hosts[srv], &cfg, &d.join("pxed.log"), &[]);
     for (n, want) in [
         (1, "10.241.0.150"),
         (2, "10.241.0.20"),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use pxed::dhcp::wire::DhcpPacket;
 
 use crate::require_root;
-use crate::support::{Daemon, Lan, NetNs, run, udp_listening, wait_for};
+use crate::support::{Daemon, Lan, NetNs, run, wait_for};
 
 /// A full-mode config for `10.N.0.0/24` with pxed at `.1`, HTTP on 8080 for `/metrics`.
 fn config(dir: &Path, net: u8, extra_dhcp: &str, extra: &str) -> PathBuf {
@@ -52,17 +52,6 @@ kernel = "vmlinuz"
     let path = dir.join("pxed.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn start_pxed(ns: &NetNs, cfg: &Path, log: &Path, args: &[&str]) -> Daemon {
-    let mut cmd = ns.command(env!("CARGO_BIN_EXE_pxed"));
-    cmd.arg("serve").arg("--config").arg(cfg).args(args);
-    let mut d = Daemon::spawn(cmd, log);
-    wait_for("pxed on port 67", Duration::from_secs(10), || {
-        d.assert_running();
-        udp_listening(ns, 67).then_some(())
-    });
-    d
 }
 
 /// `/metrics` as text, fetched with curl inside the namespace.
@@ -132,7 +121,8 @@ fn a_random_mac_flood_is_rate_limited_and_a_reserved_client_is_still_served() {
         "[dhcp.limits]\nglobal_rate = 100\nglobal_burst = 100\n",
         &format!("[[dhcp.reservation]]\nmac = \"{mac}\"\nip = \"10.241.0.50\"\n"),
     );
-    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
+    let mut pxed =
+        crate::support::start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
 
     // The flood: 6000 DISCOVERs at about 2000 per second, from a thread in the namespace.
     const FLOOD: u32 = 6000;
@@ -202,7 +192,8 @@ fn a_dhcp_server_appearing_on_the_link_is_reported() {
     let srv = lan.host("hsv", Some("10.242.0.1/24"));
     let rogue = lan.host("hrg", Some("10.242.0.2/24"));
     let cfg = config(dir.path(), 242, "foreign_probe_secs = 1", "");
-    let mut pxed = start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
+    let mut pxed =
+        crate::support::start_pxed(&lan.hosts[srv], &cfg, &dir.path().join("pxed.log"), &[]);
     let srv_ns = &lan.hosts[srv];
     let before = wait_for("metrics", Duration::from_secs(10), || {
         metric(&metrics(srv_ns, "10.242.0.1"), "pxed_dhcp_foreign_servers ")
@@ -291,7 +282,7 @@ fn pxed_drops_to_nobody_and_listens_only_where_asked() {
     // The extra `[tftp]` passed above would duplicate the table; keep the first.
     let cfg_text = cfg_text.trim_end().trim_end_matches("[tftp]").to_string();
     std::fs::write(&cfg, cfg_text).unwrap();
-    let mut pxed = start_pxed(
+    let mut pxed = crate::support::start_pxed(
         srv_ns,
         &cfg,
         &dir.path().join("pxed.log"),

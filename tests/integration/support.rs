@@ -216,3 +216,15 @@ pub fn udp_listening(ns: &NetNs, port: u16) -> bool {
         .unwrap_or_default();
     out.lines().any(|l| l.contains(&format!(":{port} ")))
 }
+
+/// `pxed serve --config CFG ARGS` in a namespace, once it listens on port 67.
+pub fn start_pxed(ns: &NetNs, cfg: &Path, log: &Path, args: &[&str]) -> Daemon {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_pxed"));
+    cmd.arg("serve").arg("--config").arg(cfg).args(args);
+    let mut d = Daemon::spawn(cmd, log);
+    wait_for("pxed on port 67", Duration::from_secs(10), || {
+        d.assert_running();
+        udp_listening(ns, 67).then_some(())
+    });
+    d
+}
