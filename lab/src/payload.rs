@@ -70,6 +70,9 @@ pub fn cache_dir() -> PathBuf {
 /// Make sure the kernel and initramfs are in `cache`, building what is missing.
 pub fn ensure_payload(cache: &Path) -> Result<Payload> {
     std::fs::create_dir_all(cache)?;
+    // Tests run two at a time and several `pxelab` processes may share the cache: the first one
+    // downloads and unpacks while the others wait, instead of unpacking over each other.
+    let _lock = lock_cache(cache)?;
     let package = current_kernel_package()?;
     let meta = apt_show(&package)?;
     let (version, sha) = (
@@ -109,6 +112,20 @@ pub fn ensure_payload(cache: &Path) -> Result<Payload> {
         version,
         deb_sha256: sha,
     })
+}
+
+/// An exclusive lock on `cache/.lock`, held until the returned file is dropped.
+pub fn lock_cache(cache: &Path) -> Result<std::fs::File> {
+    let path = cache.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
 }
 
 fn current_kernel_package() -> Result<String> {
