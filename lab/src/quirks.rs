@@ -420,21 +420,22 @@ pub fn port_filter(
 }
 
 /// Offsets of a parsed IPv4/UDP frame.
-struct UdpView {
+pub(crate) struct UdpView {
     ip: usize,
     ihl: usize,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-    payload: std::ops::Range<usize>,
+    pub(crate) src: Ipv4Addr,
+    pub(crate) dst: Ipv4Addr,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) payload: std::ops::Range<usize>,
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-fn parse_udp(frame: &[u8]) -> Option<UdpView> {
+/// The IPv4/UDP view of an Ethernet frame (None for anything else, and for IP fragments).
+pub(crate) fn parse_udp(frame: &[u8]) -> Option<UdpView> {
     if be16(frame, 12)? != ETHERTYPE_IPV4 {
         return None;
     }

@@ -1,21 +1,30 @@
 //! `pxelab replay FIELD.pcap`: send the client side of a capture taken on a real network to
 //! pxed in the lab and show where pxed's replies differ from the replies in the capture.
 //!
-//! The capture's DHCP client messages (to ports 67 and 4011) are sent in order, one at a time,
-//! into the lab switch from a port of their own; each answer pxed sends within
-//! [`REPLY_WAIT`] is compared with the capture's first reply of the same xid and type.
-//! Addresses that must differ between networks (server address, offered address) are compared
-//! by kind (set or empty), everything else by value.
+//! The capture's client messages are sent in capture order, one at a time, into the lab switch
+//! from a port of their own; each answer pxed sends within [`REPLY_WAIT`] is compared with the
+//! capture's answer:
+//!
+//! - DHCP messages (to ports 67 and 4011) against the capture's first reply of the same xid and
+//!   type. Addresses that must differ between networks (server address, offered address) are
+//!   compared by kind (set or empty), everything else by value.
+//! - TFTP read requests (to port 69), from the address pxed leased to the client during the
+//!   replay, against the capture's first answer to the request (OACK, ERROR or DATA): this is
+//!   where blksize, tsize and windowsize negotiation goes wrong with firmware. Only the answer
+//!   to the request is compared; the replay then ends the transfer with an ERROR.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use pxed::dhcp::wire::{DhcpPacket, Op};
+use pxed::tftp::wire::{
+    self as tftp_wire, ErrorCode, Packet as TftpPacket, Request as TftpRequest,
+};
 use serde::Serialize;
 
 use crate::netns::Netns;
@@ -35,6 +44,12 @@ const MAX_RECORD: usize = 262_144;
 const LINKTYPE_ETHERNET: u32 = 1;
 /// Options whose value carries an address of the capture's network: compared present/absent.
 const NETWORK_OPTIONS: [u8; 10] = [1, 3, 6, 15, 28, 50, 51, 54, 58, 59];
+/// TFTP's well-known port (RFC 1350 section 4).
+const TFTP_PORT: u16 = 69;
+/// The TFTP client's address when the replay leased it none (a capture without DHCP).
+const TFTP_FALLBACK_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 99);
+/// RFC 2349: the tsize pxed reports is its own file's size, which need not be the capture's.
+const TFTP_FILE_DEPENDENT_OPTIONS: [&str; 1] = ["tsize"];
 
 /// One frame from a capture.
 #[derive(Clone, Debug)]
@@ -151,6 +166,8 @@ fn read_pcapng(b: &[u8]) -> Result<Vec<CapturedFrame>> {
 
 /// A DHCP message found in a frame, with its UDP ports.
 struct Dhcp {
+    /// Position of the frame in the capture.
+    index: usize,
     frame: Vec<u8>,
     dport: u16,
     packet: DhcpPacket,
@@ -177,10 +194,157 @@ fn dhcp_of(frame: &[u8]) -> Option<Dhcp> {
     }
     let packet = DhcpPacket::decode(frame.get(udp + 8..udp + ulen.max(8))?).ok()?;
     Some(Dhcp {
+        index: 0,
         frame: frame.to_vec(),
         dport,
         packet,
     })
+}
+
+/// A TFTP read request in a capture.
+struct TftpRead {
+    /// Position of the frame in the capture.
+    index: usize,
+    mac: [u8; 6],
+    /// The capture's client address and port (its transfer ID).
+    client: SocketAddrV4,
+    /// The capture's TFTP server.
+    server: Ipv4Addr,
+    request: TftpRequest,
+    /// The UDP payload as the client sent it.
+    payload: Vec<u8>,
+}
+
+fn tftp_read_of(index: usize, frame: &[u8]) -> Option<TftpRead> {
+    let v = crate::quirks::parse_udp(frame)?;
+    if v.dport != TFTP_PORT {
+        return None;
+    }
+    let payload = frame.get(v.payload.clone())?;
+    let TftpPacket::Request(request) = tftp_wire::parse(payload).ok()? else {
+        return None;
+    };
+    if request.write {
+        return None;
+    }
+    Some(TftpRead {
+        index,
+        mac: frame.get(6..12)?.try_into().ok()?,
+        client: SocketAddrV4::new(v.src, v.sport),
+        server: v.dst,
+        request,
+        payload: payload.to_vec(),
+    })
+}
+
+/// The first answer to a TFTP read request, as far as a replay compares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TftpAnswer {
+    /// RFC 2347 option acknowledgment: the options the server granted.
+    Oack(Vec<(String, String)>),
+    /// ERROR: code and message.
+    Error(u16, String),
+    /// DATA: block number and payload length (the server ignored or was not asked options).
+    Data(u16, usize),
+}
+
+impl TftpAnswer {
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        match tftp_wire::parse(bytes).ok()? {
+            TftpPacket::Oack(o) => Some(Self::Oack(o)),
+            TftpPacket::Error(code, msg) => Some(Self::Error(code, msg)),
+            TftpPacket::Data(block, payload) => Some(Self::Data(block, payload.len())),
+            TftpPacket::Request(_) | TftpPacket::Ack(_) => None,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Oack(_) => "OACK",
+            Self::Error(..) => "ERROR",
+            Self::Data(..) => "DATA",
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Oack(o) => format!("OACK {}", options_text(o)),
+            Self::Error(code, msg) => format!("ERROR {code} {msg:?}"),
+            Self::Data(block, len) => format!("DATA block {block} ({len} bytes)"),
+        }
+    }
+}
+
+fn options_text(options: &[(String, String)]) -> String {
+    if options.is_empty() {
+        return "(no options)".into();
+    }
+    options
+        .iter()
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn describe_tftp_read(t: &TftpRead) -> String {
+    format!(
+        "RRQ {:?} {} {} port {TFTP_PORT}",
+        t.request.filename,
+        t.request.mode.as_str(),
+        options_text(&t.request.options)
+    )
+}
+
+/// The capture's answer to `t`: the first TFTP packet after it from the capture's server to the
+/// client's transfer ID.
+fn captured_tftp_answer(capture: &[CapturedFrame], t: &TftpRead) -> Option<TftpAnswer> {
+    capture.iter().skip(t.index + 1).find_map(|f| {
+        let v = crate::quirks::parse_udp(&f.data)?;
+        if v.src != t.server || v.dst != *t.client.ip() || v.dport != t.client.port() {
+            return None;
+        }
+        TftpAnswer::parse(f.data.get(v.payload)?)
+    })
+}
+
+/// Compare the capture's answer to a TFTP read request with pxed's.
+pub fn compare_tftp(captured: &TftpAnswer, ours: &TftpAnswer) -> Vec<String> {
+    let mut d = Vec::new();
+    match (captured, ours) {
+        (TftpAnswer::Oack(a), TftpAnswer::Oack(b)) => {
+            let names: BTreeSet<&str> = a.iter().chain(b).map(|(n, _)| n.as_str()).collect();
+            let get = |o: &[(String, String)], name: &str| {
+                o.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+            };
+            for name in names {
+                match (get(a, name), get(b, name)) {
+                    (Some(_), None) => {
+                        d.push(format!("option {name}: in the capture, not from pxed"))
+                    }
+                    (None, Some(v)) => d.push(format!("option {name}: only from pxed ({v})")),
+                    (Some(x), Some(y))
+                        if x != y && !TFTP_FILE_DEPENDENT_OPTIONS.contains(&name) =>
+                    {
+                        d.push(format!("option {name}: capture {x}, pxed {y}"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        (TftpAnswer::Error(a, _), TftpAnswer::Error(b, _)) if a != b => {
+            d.push(format!("error code: capture {a}, pxed {b}"));
+        }
+        (TftpAnswer::Data(a, _), TftpAnswer::Data(b, _)) if a != b => {
+            d.push(format!("first block: capture {a}, pxed {b}"));
+        }
+        (a, b) if a.kind() != b.kind() => d.push(format!(
+            "answer: capture {}, pxed {}",
+            a.describe(),
+            b.describe()
+        )),
+        _ => {}
+    }
+    d
 }
 
 /// One replayed client message and what came back.
@@ -330,16 +494,34 @@ pub struct ReplayOptions {
     pub run_dir: PathBuf,
 }
 
+/// A client message to replay, in capture order.
+enum ClientMessage<'a> {
+    Dhcp(&'a Dhcp),
+    Tftp(&'a TftpRead),
+}
+
 /// Replay a capture's client side against pxed in a lab namespace.
 pub fn replay(capture: &[CapturedFrame], opts: &ReplayOptions) -> Result<ReplayReport> {
-    let msgs: Vec<Dhcp> = capture.iter().filter_map(|f| dhcp_of(&f.data)).collect();
-    let clients: Vec<&Dhcp> = msgs
+    let msgs: Vec<Dhcp> = capture
+        .iter()
+        .enumerate()
+        .filter_map(|(index, f)| dhcp_of(&f.data).map(|d| Dhcp { index, ..d }))
+        .collect();
+    let reads: Vec<TftpRead> = capture
+        .iter()
+        .enumerate()
+        .filter_map(|(index, f)| tftp_read_of(index, &f.data))
+        .collect();
+    let mut clients: Vec<(usize, ClientMessage)> = msgs
         .iter()
         .filter(|m| m.packet.op == Op::Request)
-        .take(MAX_REPLAYED)
+        .map(|m| (m.index, ClientMessage::Dhcp(m)))
+        .chain(reads.iter().map(|t| (t.index, ClientMessage::Tftp(t))))
         .collect();
+    clients.sort_by_key(|(index, _)| *index);
+    clients.truncate(MAX_REPLAYED);
     if clients.is_empty() {
-        bail!("the capture holds no DHCP client messages");
+        bail!("the capture holds no DHCP client messages and no TFTP read requests");
     }
     // The capture's server: the source of its first reply (its option 54).
     let field_server = msgs
@@ -370,45 +552,22 @@ pub fn replay(capture: &[CapturedFrame], opts: &ReplayOptions) -> Result<ReplayR
 
     let mut steps = Vec::new();
     let mut offered: Option<Ipv4Addr> = None;
-    for m in clients {
-        let mut p = m.packet.clone();
-        // A REQUEST names the capture's server and address; point it at pxed's.
-        if field_server.is_some() && p.options.server_id() == field_server {
-            p.options.set(54, server_ip.octets().to_vec());
-            if let Some(ip) = offered {
-                p.options.set(50, ip.octets().to_vec());
+    for (_, message) in clients {
+        let step = match message {
+            ClientMessage::Dhcp(m) => {
+                let (step, ours) =
+                    replay_dhcp(&mut stream, &msgs, m, field_server, offered, server_ip)?;
+                if let Some(ip) = ours.filter(|ip| !ip.is_unspecified()) {
+                    offered = Some(ip);
+                }
+                step
             }
-        }
-        let frame =
-            client_frame(&m.frame, &p, m.dport, server_ip).context("rebuilding a client frame")?;
-        let mut buf = (frame.len() as u32).to_be_bytes().to_vec();
-        buf.extend_from_slice(&frame);
-        stream.write_all(&buf)?;
-        let want = m.packet.xid;
-        let ours = read_reply(&mut stream, want, REPLY_WAIT)?;
-        if let Some(o) = &ours
-            && !o.packet.yiaddr.is_unspecified()
-        {
-            offered = Some(o.packet.yiaddr);
-        }
-        // The capture's answer: the first reply with this xid after the message.
-        let captured = msgs.iter().find(|r| {
-            r.packet.op == Op::Reply
-                && r.packet.xid == want
-                && reply_matches(&m.packet, &r.packet, m.dport, r.dport)
-        });
-        let differences = match (captured, &ours) {
-            (Some(c), Some(o)) => compare(&c.packet, &o.packet),
-            (Some(_), None) => vec!["the capture has a reply, pxed sent none".into()],
-            (None, Some(_)) => vec!["pxed replied, the capture has no reply".into()],
-            (None, None) => Vec::new(),
+            ClientMessage::Tftp(t) => {
+                let client = offered.unwrap_or(TFTP_FALLBACK_CLIENT);
+                replay_tftp(&mut stream, &netns, capture, t, client, server_ip)?
+            }
         };
-        steps.push(ReplayStep {
-            client: describe(&m.packet, m.dport),
-            captured: captured.map(|c| describe(&c.packet, c.dport)),
-            pxed: ours.as_ref().map(|o| describe(&o.packet, o.dport)),
-            differences,
-        });
+        steps.push(step);
     }
     server.stop();
     switch.stop();
@@ -418,18 +577,139 @@ pub fn replay(capture: &[CapturedFrame], opts: &ReplayOptions) -> Result<ReplayR
     })
 }
 
-/// Whether `reply` answers `req`: OFFER for DISCOVER, ACK/NAK for REQUEST/INFORM; a 4011
-/// request is answered from 4011.
-fn reply_matches(req: &DhcpPacket, reply: &DhcpPacket, req_port: u16, _reply_port: u16) -> bool {
+/// Send one DHCP client message and compare pxed's reply with the capture's; also returns the
+/// address pxed put in `yiaddr`.
+fn replay_dhcp(
+    stream: &mut UnixStream,
+    msgs: &[Dhcp],
+    m: &Dhcp,
+    field_server: Option<Ipv4Addr>,
+    offered: Option<Ipv4Addr>,
+    server_ip: Ipv4Addr,
+) -> Result<(ReplayStep, Option<Ipv4Addr>)> {
+    let mut p = m.packet.clone();
+    // A REQUEST names the capture's server and address; point it at pxed's.
+    if field_server.is_some() && p.options.server_id() == field_server {
+        p.options.set(54, server_ip.octets().to_vec());
+        if let Some(ip) = offered {
+            p.options.set(50, ip.octets().to_vec());
+        }
+    }
+    let frame =
+        client_frame(&m.frame, &p, m.dport, server_ip).context("rebuilding a client frame")?;
+    send_frame(stream, &frame)?;
+    let want = m.packet.xid;
+    let ours = read_matching(stream, REPLY_WAIT, |frame| {
+        dhcp_of(frame).filter(|d| d.packet.op == Op::Reply && d.packet.xid == want)
+    })?;
+    // The capture's answer: the first reply with this xid after the message.
+    let captured = msgs.iter().find(|r| {
+        r.index > m.index
+            && r.packet.op == Op::Reply
+            && r.packet.xid == want
+            && reply_matches(&m.packet, &r.packet)
+    });
+    let differences = match (captured, &ours) {
+        (Some(c), Some(o)) => compare(&c.packet, &o.packet),
+        (Some(_), None) => vec!["the capture has a reply, pxed sent none".into()],
+        (None, Some(_)) => vec!["pxed replied, the capture has no reply".into()],
+        (None, None) => Vec::new(),
+    };
+    let step = ReplayStep {
+        client: describe(&m.packet, m.dport),
+        captured: captured.map(|c| describe(&c.packet, c.dport)),
+        pxed: ours.as_ref().map(|o| describe(&o.packet, o.dport)),
+        differences,
+    };
+    Ok((step, ours.map(|o| o.packet.yiaddr)))
+}
+
+/// Send one TFTP read request from `client` and compare pxed's first answer with the
+/// capture's; a transfer pxed starts is ended with an ERROR, as a client that gives up would.
+fn replay_tftp(
+    stream: &mut UnixStream,
+    netns: &Netns,
+    capture: &[CapturedFrame],
+    t: &TftpRead,
+    client: Ipv4Addr,
+    server_ip: Ipv4Addr,
+) -> Result<ReplayStep> {
+    // pxed answers by unicast: tell its namespace where the client is instead of answering ARP.
+    let mac = t
+        .mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    netns.ip(&[
+        "neigh",
+        "replace",
+        &client.to_string(),
+        "lladdr",
+        &mac,
+        "dev",
+        "tap0",
+        "nud",
+        "permanent",
+    ])?;
+    let tid = t.client.port();
+    let frame = crate::quirks::udp_frame(
+        t.mac, [0xff; 6], client, server_ip, tid, TFTP_PORT, &t.payload,
+    );
+    send_frame(stream, &frame)?;
+    let ours = read_matching(stream, REPLY_WAIT, |frame| {
+        let v = crate::quirks::parse_udp(frame)?;
+        if v.src != server_ip || v.dst != client || v.dport != tid {
+            return None;
+        }
+        Some((v.sport, TftpAnswer::parse(frame.get(v.payload)?)?))
+    })?;
+    if let Some((server_tid, TftpAnswer::Oack(_) | TftpAnswer::Data(..))) = &ours {
+        let stop = tftp_wire::encode_error(ErrorCode::Undefined, "replay ends here");
+        let frame =
+            crate::quirks::udp_frame(t.mac, [0xff; 6], client, server_ip, tid, *server_tid, &stop);
+        send_frame(stream, &frame)?;
+    }
+    let ours = ours.map(|(_, answer)| answer);
+    let captured = captured_tftp_answer(capture, t);
+    let differences = match (&captured, &ours) {
+        (Some(c), Some(o)) => compare_tftp(c, o),
+        (Some(_), None) => vec!["the capture has an answer, pxed sent none".into()],
+        (None, Some(_)) => vec!["pxed answered, the capture has no answer".into()],
+        (None, None) => Vec::new(),
+    };
+    Ok(ReplayStep {
+        client: describe_tftp_read(t),
+        captured: captured.as_ref().map(TftpAnswer::describe),
+        pxed: ours.as_ref().map(TftpAnswer::describe),
+        differences,
+    })
+}
+
+/// Write one frame to the switch port (length-prefixed, as the switch's stream ports expect).
+fn send_frame(stream: &mut UnixStream, frame: &[u8]) -> Result<()> {
+    let len = u32::try_from(frame.len()).context("frame too long")?;
+    let mut buf = len.to_be_bytes().to_vec();
+    buf.extend_from_slice(frame);
+    stream.write_all(&buf)?;
+    Ok(())
+}
+
+/// Whether `reply` answers `req`: OFFER for DISCOVER, ACK/NAK for REQUEST/INFORM.
+fn reply_matches(req: &DhcpPacket, reply: &DhcpPacket) -> bool {
     use pxed::dhcp::wire::MessageType as M;
-    let _ = req_port;
     matches!(
         (req.message_type(), reply.message_type()),
         (Some(M::Discover), Some(M::Offer)) | (Some(M::Request | M::Inform), Some(M::Ack | M::Nak))
     )
 }
 
-fn read_reply(stream: &mut UnixStream, xid: u32, wait: Duration) -> Result<Option<Dhcp>> {
+/// Read frames from the switch port for at most `wait`; the first one `matching` accepts.
+fn read_matching<T>(
+    stream: &mut UnixStream,
+    wait: Duration,
+    mut matching: impl FnMut(&[u8]) -> Option<T>,
+) -> Result<Option<T>> {
     let deadline = Instant::now() + wait;
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; crate::switch::MAX_FRAME];
@@ -449,7 +729,7 @@ fn read_reply(stream: &mut UnixStream, xid: u32, wait: Duration) -> Result<Optio
             let Some(frame) = buf.get(4..4 + len) else {
                 break;
             };
-            let found = dhcp_of(frame).filter(|d| d.packet.op == Op::Reply && d.packet.xid == xid);
+            let found = matching(frame);
             buf.drain(..4 + len);
             if found.is_some() {
                 return Ok(found);

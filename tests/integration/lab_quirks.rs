@@ -123,15 +123,16 @@ fn bios_boots_through_loss_duplication_and_reordering() {
     assert!(report.passed(), "{}", report.summary());
 }
 
-/// `pxelab replay`: a real firmware capture (OVMF against QEMU's slirp DHCP) replayed against
-/// pxed makes a "field capture" of pxed's own answers; replaying that against the same pxed
-/// shows no difference, against pxed without option 60 exactly that difference.
+/// `pxelab replay`: a real firmware capture (OVMF's EDK2 PXE against QEMU's slirp DHCP and
+/// TFTP, with its tsize probe) replayed against pxed makes a "field capture" of pxed's own
+/// answers; replaying that against the same pxed shows no difference, against pxed without
+/// option 60 exactly that difference.
 #[test]
 fn replay_shows_where_pxed_differs_from_the_capture() {
     require_root!();
     let dir = tempfile::tempdir().unwrap();
     let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dhcp/edk2-pxe-dhcp.pcap");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dhcp/edk2-pxe-tftp.pcap");
     let frames = pxelab::replay::read_capture(&std::fs::read(fixture).unwrap()).unwrap();
     let full = labs_dir().join("pxed-full.pxed.toml");
     let opts = |config: &Path, name: &str| pxelab::replay::ReplayOptions {
@@ -146,6 +147,28 @@ fn replay_shows_where_pxed_differs_from_the_capture() {
             .iter()
             .any(|d| d.contains("option 60: only from pxed"))
     }));
+    // The TFTP read requests were replayed too: EDK2 asks windowsize 4, which slirp ignores
+    // and pxed grants (RFC 7440).
+    let tftp: Vec<_> = first
+        .steps
+        .iter()
+        .filter(|s| s.client.starts_with("RRQ"))
+        .collect();
+    assert_eq!(tftp.len(), 3, "{}", first.render());
+    assert!(
+        tftp.iter()
+            .all(|s| s.pxed.as_deref().is_some_and(|p| p.starts_with("OACK"))),
+        "{}",
+        first.render()
+    );
+    assert!(
+        tftp[0]
+            .differences
+            .iter()
+            .any(|d| d == "option windowsize: only from pxed (4)"),
+        "{}",
+        first.render()
+    );
 
     let field =
         pxelab::replay::read_capture(&std::fs::read(dir.path().join("first/lab.pcap")).unwrap())
