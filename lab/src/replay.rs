@@ -837,4 +837,68 @@ mod tests {
         );
         assert!(d.iter().any(|l| l.starts_with("file:")), "{d:?}");
     }
+
+    #[test]
+    fn finds_tftp_requests_and_their_captured_answers() {
+        let frames = read_capture(&fixture("edk2-pxe-tftp.pcap")).unwrap();
+        let reads: Vec<TftpRead> = frames
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| tftp_read_of(i, &f.data))
+            .collect();
+        // EDK2's tsize probe, its real read, then iPXE's read (tshark shows the same three).
+        assert_eq!(reads.len(), 3);
+        assert_eq!(reads[0].request.filename, "snponly.efi");
+        assert_eq!(reads[0].request.option("windowsize"), Some("4"));
+        assert_eq!(reads[0].server, Ipv4Addr::new(10, 0, 2, 2));
+        let answers: Vec<TftpAnswer> = reads
+            .iter()
+            .map(|t| captured_tftp_answer(&frames, t).unwrap())
+            .collect();
+        let opts = |o: &[(&str, &str)]| {
+            TftpAnswer::Oack(
+                o.iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            answers[0],
+            opts(&[("tsize", "173792"), ("blksize", "1428")])
+        );
+        assert_eq!(answers[1], opts(&[("blksize", "1428")]));
+    }
+
+    #[test]
+    fn compare_tftp_names_option_and_kind_differences() {
+        let oack = |o: &[(&str, &str)]| {
+            TftpAnswer::Oack(
+                o.iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let field = oack(&[("tsize", "100"), ("blksize", "1428")]);
+        // tsize is the size of each server's own file: not a difference.
+        assert!(compare_tftp(&field, &oack(&[("tsize", "200"), ("blksize", "1428")])).is_empty());
+        let d = compare_tftp(&field, &oack(&[("blksize", "1468"), ("windowsize", "4")]));
+        assert_eq!(
+            d,
+            [
+                "option blksize: capture 1428, pxed 1468",
+                "option tsize: in the capture, not from pxed",
+                "option windowsize: only from pxed (4)",
+            ]
+        );
+        let d = compare_tftp(&field, &TftpAnswer::Error(1, "File not found".into()));
+        assert_eq!(d.len(), 1);
+        assert!(d[0].starts_with("answer: capture OACK"), "{d:?}");
+        assert_eq!(
+            compare_tftp(
+                &TftpAnswer::Error(1, "a".into()),
+                &TftpAnswer::Error(2, "b".into())
+            ),
+            ["error code: capture 1, pxed 2"]
+        );
+    }
 }
