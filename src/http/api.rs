@@ -429,6 +429,42 @@ mod tests {
         assert!(os_stage(&"x".repeat(65)).is_err());
     }
 
+    fn state_with_token(token: Option<&str>) -> HttpState {
+        HttpState::new(
+            std::path::PathBuf::from("/nonexistent"),
+            Default::default(),
+            crate::policy::ServerAddrs {
+                ip: std::net::Ipv4Addr::LOCALHOST,
+                http_port: 8080,
+            },
+            crate::events::EventBus::new(),
+            crate::http::HttpConfig {
+                api_token: token.map(str::to_string),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn mutations_need_the_configured_token_and_none_pass_without_one() {
+        let bearer = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+            h
+        };
+        let with = state_with_token(Some("0123456789abcdef0123"));
+        assert!(authorize(&with, &bearer("0123456789abcdef0123")).is_ok());
+        assert!(authorize(&with, &bearer("0123456789abcdef0124")).is_err());
+        assert!(authorize(&with, &HeaderMap::new()).is_err());
+        // No token configured: nothing is authorized, not even an empty bearer.
+        let without = state_with_token(None);
+        assert!(authorize(&without, &bearer("")).is_err());
+        assert!(authorize(&without, &HeaderMap::new()).is_err());
+    }
+
     #[test]
     fn secrets_compare() {
         assert!(same_secret(b"abc", b"abc"));
