@@ -179,7 +179,10 @@ pub fn compare_leases(
     lost.sort();
     let mut duplicates = Vec::new();
     let pairs = [
-        ("on disk", stored.iter().map(|l| (l.ip, l.mac)).collect::<Vec<_>>()),
+        (
+            "on disk",
+            stored.iter().map(|l| (l.ip, l.mac)).collect::<Vec<_>>(),
+        ),
         (
             "acknowledged",
             acked.iter().map(|(m, i)| (*i, *m)).collect::<Vec<_>>(),
@@ -235,21 +238,31 @@ fn make_state_disk(path: &Path) -> Result<()> {
 }
 
 /// perfdhcp as a relay from the load namespace, new MACs for each cycle.
-fn start_load(ns: &Netns, opts: &DurabilityOptions, cycle: u32, server: Ipv4Addr, dir: &Path) -> Result<Child> {
+fn start_load(
+    ns: &Netns,
+    opts: &DurabilityOptions,
+    cycle: u32,
+    server: Ipv4Addr,
+    dir: &Path,
+) -> Result<Child> {
     let [a, b, c, _] = server.octets();
     let log = std::fs::File::create(dir.join("perfdhcp.log"))?;
     let mut cmd = ns.command("perfdhcp");
-    cmd.args(["-4", "-l", &Ipv4Addr::new(a, b, c, LOAD_IP_HOST).to_string()])
-        .args(["-r", &opts.rate.to_string()])
-        .args(["-R", &opts.clients_per_cycle.to_string()])
-        .args([
-            "-b",
-            &format!("mac={MAC_TEMPLATE_PREFIX}:{:02x}:00:00:00", cycle % 256),
-        ])
-        .arg(server.to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.args([
+        "-4",
+        "-l",
+        &Ipv4Addr::new(a, b, c, LOAD_IP_HOST).to_string(),
+    ])
+    .args(["-r", &opts.rate.to_string()])
+    .args(["-R", &opts.clients_per_cycle.to_string()])
+    .args([
+        "-b",
+        &format!("mac={MAC_TEMPLATE_PREFIX}:{:02x}:00:00:00", cycle % 256),
+    ])
+    .arg(server.to_string())
+    .stdin(Stdio::null())
+    .stdout(log.try_clone()?)
+    .stderr(log);
     cmd.spawn()
         .context("starting perfdhcp (apt-get install kea-admin)")
 }
@@ -301,7 +314,11 @@ pub fn run_durability(opts: &DurabilityOptions) -> Result<DurabilityReport> {
     let [a, b, c, _] = image.address.octets();
     let tap = ns.create_tap(
         "eth0",
-        &format!("{}/{}", Ipv4Addr::new(a, b, c, LOAD_IP_HOST), image.prefix_len),
+        &format!(
+            "{}/{}",
+            Ipv4Addr::new(a, b, c, LOAD_IP_HOST),
+            image.prefix_len
+        ),
     )?;
     let load_port = switch.add_tap_port("load", tap, Box::new(PassThrough))?;
     let ack_log: Arc<Mutex<Vec<(MacAddr, Ipv4Addr)>>> = Arc::default();
@@ -460,9 +477,18 @@ mod tests {
         let acked: HashMap<MacAddr, Ipv4Addr> =
             [(mac(1), ip(3)), (mac(2), ip(4)), (mac(3), ip(5))].into();
         let stored = vec![
-            StoredLease { mac: mac(1), ip: ip(3) },
-            StoredLease { mac: mac(2), ip: ip(9) },
-            StoredLease { mac: mac(4), ip: ip(9) },
+            StoredLease {
+                mac: mac(1),
+                ip: ip(3),
+            },
+            StoredLease {
+                mac: mac(2),
+                ip: ip(9),
+            },
+            StoredLease {
+                mac: mac(4),
+                ip: ip(9),
+            },
         ];
         let (lost, dup) = compare_leases(&acked, &stored);
         assert_eq!(lost.len(), 2, "{lost:?}");

@@ -239,7 +239,10 @@ fn durability(args: DurabilityArgs) -> ExitCode {
     match pxelab::durability::run_durability(&opts) {
         Ok(report) => {
             print!("{}", report.summary());
-            println!("report in {}", report.run_dir.join("durability.json").display());
+            println!(
+                "report in {}",
+                report.run_dir.join("durability.json").display()
+            );
             if report.passed() {
                 ExitCode::SUCCESS
             } else {

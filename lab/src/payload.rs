@@ -321,14 +321,16 @@ pub fn kernel_modules(payload: &Payload, names: &[&str]) -> Result<Vec<(String, 
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("vmlinuz-"))
         .with_context(|| format!("{}: not a vmlinuz-<version>", payload.kernel.display()))?;
-    let config =
-        std::fs::read_to_string(boot.join(format!("config-{kver}"))).unwrap_or_default();
+    let config = std::fs::read_to_string(boot.join(format!("config-{kver}"))).unwrap_or_default();
     let index = module_index(&root.join("lib/modules").join(kver))?;
     let modules = resolve_modules(&index, &config, names)?;
     for name in names {
         let key = format!("CONFIG_{}=y", name.to_ascii_uppercase());
         if !modules.iter().any(|(n, _)| n == name) && !config.lines().any(|l| l == key) {
-            bail!("module {name} is neither built in nor shipped with {}", payload.package);
+            bail!(
+                "module {name} is neither built in nor shipped with {}",
+                payload.package
+            );
         }
     }
     Ok(modules)

@@ -425,8 +425,8 @@ mod tests {
 
     #[test]
     fn lease_lines_are_parsed() {
-        let l = parse_lease_line("PXELAB-LEASE 02:dd:01:00:00:07  10.77.1.12  1764099000  -")
-            .unwrap();
+        let l =
+            parse_lease_line("PXELAB-LEASE 02:dd:01:00:00:07  10.77.1.12  1764099000  -").unwrap();
         assert_eq!(l.mac.to_string(), "02:dd:01:00:00:07");
         assert_eq!(l.ip, Ipv4Addr::new(10, 77, 1, 12));
         assert!(parse_lease_line("PXELAB-LEASE mac ip expires hostname").is_none());

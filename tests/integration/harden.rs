@@ -357,11 +357,22 @@ fn pxed_drops_to_nobody_and_listens_only_where_asked() {
 fn http_status(ns: &NetNs, args: &[&str]) -> u16 {
     let out = ns
         .command("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
         .args(args)
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 /// No `api_token` in the config: pxed generates one into `<state_dir>/api-token` (mode 0600,
@@ -387,7 +398,10 @@ fn the_admin_api_needs_the_token_pxed_generates_when_none_is_configured() {
         wait_for("pxed's HTTP", Duration::from_secs(10), || {
             (http_status(ns, &[events, "-X", "HEAD"]) != 0).then_some(())
         });
-        let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+        let token = std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string();
         assert_eq!(token.len(), 64, "{token}");
         assert!(token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
         let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
@@ -399,7 +413,10 @@ fn the_admin_api_needs_the_token_pxed_generates_when_none_is_configured() {
         let auth = format!("Authorization: Bearer {token}");
         assert_eq!(http_status(ns, &["-d", body, events]), 401);
         assert_eq!(
-            http_status(ns, &["-H", "Authorization: Bearer wrong", "-d", body, events]),
+            http_status(
+                ns,
+                &["-H", "Authorization: Bearer wrong", "-d", body, events]
+            ),
             401
         );
         assert_eq!(http_status(ns, &["-X", "DELETE", state]), 401);
