@@ -59,9 +59,9 @@ pub struct DurabilityOptions {
     pub rate: u32,
     /// perfdhcp clients (MACs) per cycle.
     pub clients_per_cycle: u32,
-    /// ACKs a cycle must have seen before its power cut may come.
-    pub min_acks_before_kill: usize,
-    /// The power cut comes this long at most (uniformly drawn) after those ACKs.
+    /// The power cut comes this long at most (uniformly drawn) after the cycle's n-th new
+    /// client was acknowledged, n drawn uniformly from 1 to `clients_per_cycle`: close behind
+    /// a new lease, where a lease that is not yet on the disk would be lost.
     pub max_kill_delay: Duration,
 }
 
@@ -79,8 +79,7 @@ impl DurabilityOptions {
             seed,
             rate: 200,
             clients_per_cycle: 12,
-            min_acks_before_kill: 10,
-            max_kill_delay: Duration::from_secs(3),
+            max_kill_delay: Duration::from_secs(1),
         }
     }
 }
@@ -96,6 +95,10 @@ pub struct CycleReport {
     pub stored: usize,
     /// ACKs (frames) the server sent under load before the power cut.
     pub acks: usize,
+    /// New clients acknowledged before the power cut may come (drawn).
+    pub kill_after_new_clients: usize,
+    /// The power cut's delay after them, milliseconds (drawn).
+    pub kill_delay_ms: u64,
     /// Load start to power cut, seconds.
     pub load_secs: f64,
     /// Load start to the first ACK, seconds (the first commit on a fresh disk is the slow one).
@@ -387,6 +390,8 @@ pub fn run_durability(opts: &DurabilityOptions) -> Result<DurabilityReport> {
             boot_secs,
             stored: vm.stored_leases().len(),
             acks: 0,
+            kill_after_new_clients: 0,
+            kill_delay_ms: 0,
             load_secs: 0.0,
             first_ack_secs: 0.0,
         };
@@ -402,6 +407,24 @@ pub fn run_durability(opts: &DurabilityOptions) -> Result<DurabilityReport> {
         }
 
         let before = ack_count();
+        cycle.kill_after_new_clients =
+            1 + rng.below(u64::from(opts.clients_per_cycle.max(1))) as usize;
+        let max_ms = u64::try_from(opts.max_kill_delay.as_millis()).unwrap_or(u64::MAX);
+        cycle.kill_delay_ms = rng.below(max_ms + 1);
+        let new_clients = || {
+            ack_log
+                .lock()
+                .map(|l| {
+                    let macs: std::collections::HashSet<MacAddr> = l
+                        .get(before..)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|(mac, _)| *mac)
+                        .collect();
+                    macs.len()
+                })
+                .unwrap_or(0)
+        };
         let load_started = Instant::now();
         let mut load = start_load(&ns, opts, boot, image.address, &dir)?;
         let deadline = load_started + LOAD_TIMEOUT.mul_f64(scale);
@@ -410,7 +433,7 @@ pub fn run_durability(opts: &DurabilityOptions) -> Result<DurabilityReport> {
             if acks > 0 && cycle.first_ack_secs == 0.0 {
                 cycle.first_ack_secs = load_started.elapsed().as_secs_f64();
             }
-            if acks >= opts.min_acks_before_kill {
+            if new_clients() >= cycle.kill_after_new_clients {
                 break Ok(());
             }
             if let Ok(Some(st)) = load.try_wait() {
@@ -434,8 +457,7 @@ pub fn run_durability(opts: &DurabilityOptions) -> Result<DurabilityReport> {
             let _ = load.wait();
             return Err(e);
         }
-        let max_ms = u64::try_from(opts.max_kill_delay.as_millis()).unwrap_or(u64::MAX);
-        std::thread::sleep(Duration::from_millis(rng.below(max_ms + 1)));
+        std::thread::sleep(Duration::from_millis(cycle.kill_delay_ms));
         vm.power_cut();
         cycle.load_secs = load_started.elapsed().as_secs_f64();
         let _ = load.kill();
