@@ -207,6 +207,12 @@ impl Config {
                 path: path.to_path_buf(),
                 message: format!("[dhcp]: {message}"),
             })?;
+        file.http
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!("[http]: {message}"),
+            })?;
         Ok(Config {
             server: file.server,
             dhcp: file.dhcp,
@@ -229,6 +235,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.server.root, PathBuf::from("/srv/pxe"));
+    }
+
+    #[test]
+    fn a_short_api_token_is_refused() {
+        let text = "[server]\nroot = \"/srv\"\n[http]\napi_token = \"abc\"\n";
+        let err = Config::parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[http]: api_token"), "{err}");
     }
 
     #[test]

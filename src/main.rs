@@ -64,6 +64,10 @@ enum Command {
         /// capabilities pxed uses (overrides the config's `[server] user`).
         #[arg(long)]
         user: Option<String>,
+        /// State directory: leases, the generated admin API token, one-shot boot state
+        /// (overrides the config's `[server] state_dir`; default /var/lib/pxed).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Write boot media (USB image and ISO, BIOS and UEFI) that start iPXE from a stick or
     /// CD and netboot through this pxed: for machines whose NIC has no working PXE ROM.
@@ -186,6 +190,7 @@ fn main() -> ExitCode {
             address,
             event_log,
             user,
+            state_dir,
         } => {
             let opts = ServeOptions {
                 config,
@@ -195,6 +200,7 @@ fn main() -> ExitCode {
                 address,
                 event_log,
                 user,
+                state_dir,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -43,6 +43,8 @@ pub struct ServeOptions {
     pub event_log: Option<PathBuf>,
     /// User to switch to after binding.
     pub user: Option<String>,
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The config used without a file: proxy mode and one default profile. The default boots
@@ -117,10 +119,33 @@ fn effective_config(opts: &ServeOptions) -> anyhow::Result<Config> {
     if let Some(u) = &opts.user {
         cfg.server.user = Some(u.clone());
     }
+    if let Some(d) = &opts.state_dir {
+        cfg.server.state_dir = Some(d.clone());
+    }
     cfg.dhcp
         .validate()
         .map_err(|m| anyhow::anyhow!("[dhcp]: {m}"))?;
     Ok(cfg)
+}
+
+/// The `[http]` section with its admin API token: the configured one, else the one kept in
+/// `<state_dir>/api-token`, generated (mode 0600) on first start. The log says where the file
+/// is, never the token.
+fn with_api_token(cfg: &Config) -> anyhow::Result<crate::http::HttpConfig> {
+    let mut http = cfg.http.clone();
+    if http.api_token.is_none() {
+        let dir = cfg
+            .server
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let path = dir.join(crate::http::token::API_TOKEN_FILE);
+        let token = crate::http::token::load_or_create_api_token(&path)
+            .with_context(|| format!("admin API token {}", path.display()))?;
+        tracing::info!(file = %path.display(), "admin API token (bearer) is in this file");
+        http.api_token = Some(token);
+    }
+    Ok(http)
 }
 
 /// Run the server until Ctrl-C or SIGTERM.
@@ -240,6 +265,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("cannot bind HTTP to {bind}"))?;
+        let http_config = with_api_token(&cfg)?;
         let mut state = HttpState::new(
             cfg.server.root.clone(),
             Arc::new(RwLock::new(cfg.policy.clone())),
@@ -248,7 +274,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 http_port: cfg.http.port,
             },
             events.clone(),
-            cfg.http.clone(),
+            http_config,
         )
         .with_mac_lookup(mac_lookup.clone())
         .with_dhcp_counters(&dhcp_counters);

@@ -24,7 +24,18 @@ use crate::payload::Payload;
 use crate::vmdef::VmFile;
 
 /// Bump when the image layout changes, so cached images are rebuilt.
-const IMAGE_FORMAT: &str = "pxelab-server-image-v1";
+const IMAGE_FORMAT: &str = "pxelab-server-image-v2";
+/// Kernel modules for a state disk (virtio-blk with ext4 on it); ext4 needs a crc32c driver
+/// for its metadata checksums and only names it as a soft dependency, so it is listed.
+const STATE_DISK_MODULES: &[&str] = &["virtio_blk", "crc32c_generic", "ext4"];
+/// Where the image lists the state-disk modules, in load order.
+const STATE_DISK_MODULE_LIST: &str = "/etc/pxelab/state-disk-modules";
+/// The console line before each stored lease the server lists at boot (state disk only).
+pub const LEASE_PREFIX: &str = "PXELAB-LEASE ";
+/// The console line after the lease listing.
+pub const LEASES_END_LINE: &str = "PXELAB-LEASES-END";
+/// The console line the server prints when its state disk cannot be mounted.
+pub const STATE_DISK_FAILED_LINE: &str = "PXELAB-SERVER state-disk-failed";
 /// SYSLINUX's MBR boot code and its modules (package syslinux-common).
 const SYSLINUX_MBR: &str = "/usr/lib/syslinux/mbr/mbr.bin";
 /// The iPXE binaries the server hands out (package ipxe).
@@ -98,8 +109,12 @@ pub fn ensure_server_image(
         .replace("{phone_url}", &phone)
         .replace("{pool_start}", &Ipv4Addr::new(a, b, c, 100).to_string())
         .replace("{pool_end}", &Ipv4Addr::new(a, b, c, 199).to_string())
+        // The whole /24 but the server (.1) and one host-side peer (.2).
+        .replace("{pool_wide_start}", &Ipv4Addr::new(a, b, c, 3).to_string())
+        .replace("{pool_wide_end}", &Ipv4Addr::new(a, b, c, 254).to_string())
         .replace("{run_dir}", "/run");
     let init = server_init(ip, server.prefix_len);
+    let disk_modules = crate::payload::kernel_modules(payload, STATE_DISK_MODULES)?;
     let syslinux_cfg = syslinux_cfg();
     let libs = shared_libraries(pxed)?;
     let pxed_bytes = std::fs::read(pxed).with_context(|| format!("reading {}", pxed.display()))?;
@@ -134,7 +149,7 @@ pub fn ensure_server_image(
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
-    for (name, bytes) in libs.iter().chain(&ipxe) {
+    for (name, bytes) in libs.iter().chain(&ipxe).chain(&disk_modules) {
         h.update(name.as_bytes());
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);
@@ -188,6 +203,13 @@ pub fn ensure_server_image(
         for (name, bytes) in &ipxe {
             w.file(&format!("/srv/tftp/{name}"), 0o644, bytes)?;
         }
+        let mut order = String::new();
+        for (name, bytes) in &disk_modules {
+            w.file(&format!("/lib/modules/{name}.ko"), 0o644, bytes)?;
+            order.push_str(name);
+            order.push('\n');
+        }
+        w.file(STATE_DISK_MODULE_LIST, 0o644, order.as_bytes())?;
         let gz = w.finish()?;
         gz.finish()?
     };
@@ -302,6 +324,21 @@ while [ ! -e /sys/class/net/{SERVER_IFACE} ]; do
   i=$((i+1)); [ $i -gt 200 ] && {{ echo "PXELAB-SERVER no-nic"; poweroff -f; }}
   sleep 0.1
 done
+# A virtio block device (virtio device id 2), when the VM has one, is pxed's state directory:
+# an ext4 file system whose journal the kernel replays on mount after a power cut.
+state_disk=""
+for d in /sys/bus/virtio/devices/*; do
+  [ "$(cat $d/device 2>/dev/null)" = 0x0002 ] && state_disk=/dev/vda
+done
+if [ -n "$state_disk" ]; then
+  for m in $(cat {STATE_DISK_MODULE_LIST}); do insmod /lib/modules/$m.ko 2>/dev/null; done
+  i=0
+  until [ -b $state_disk ]; do
+    i=$((i+1)); [ $i -gt 100 ] && {{ echo "{STATE_DISK_FAILED_LINE} no $state_disk"; poweroff -f; }}
+    sleep 0.1
+  done
+  mount -t ext4 $state_disk /run/pxed-state || {{ echo "{STATE_DISK_FAILED_LINE} mount"; poweroff -f; }}
+fi
 ip link set lo up
 ip link set {SERVER_IFACE} up
 ip addr add {ip}/{prefix_len} dev {SERVER_IFACE}
@@ -318,6 +355,14 @@ until wget -q -O /dev/null http://{ip}:{HTTP_PORT}/api/machines 2>/dev/null; do
   fi
   sleep 0.1
 done
+if [ -n "$state_disk" ]; then
+  # What pxed loaded from the disk, before any client was served (WAL lets this read run
+  # beside pxed).
+  /usr/bin/pxed leases --config /etc/pxed.toml | tail -n +2 | while read -r line; do
+    echo "{LEASE_PREFIX}$line"
+  done
+  echo "{LEASES_END_LINE}"
+fi
 echo "{READY_LINE} {ip}"
 wait $pxed
 cat /run/pxed.log

@@ -21,6 +21,7 @@ pub mod cleanup;
 pub mod cpio;
 pub mod demo;
 pub mod doctor;
+pub mod durability;
 pub mod export;
 pub mod images;
 pub mod impair;

@@ -411,6 +411,16 @@ impl Vm {
         qmp_execute(&self.qmp, command)
     }
 
+    /// SIGKILL QEMU at once (a power cut for the guest) and reap it.
+    pub fn power_cut(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        let _ = self.child.kill();
+        self.exit = self.child.wait().ok();
+        let _ = std::fs::remove_file(&self.pidfile);
+    }
+
     /// Stop the VM: QMP quit, then kill if it lingers.
     pub fn shutdown(&mut self) {
         if self.exited().is_some() {

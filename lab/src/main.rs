@@ -85,6 +85,9 @@ enum Cmd {
         #[arg(long)]
         pxed: Option<PathBuf>,
     },
+    /// Power-cut durability: pxed in the server VM under perfdhcp load, QEMU SIGKILLed
+    /// `--kills` times and rebooted from its disk; every acknowledged lease must survive.
+    Durability(DurabilityArgs),
     /// Import a VirtualBox or VMware export (.ova or .ovf) as a lab machine.
     Import {
         /// The .ova or .ovf.
@@ -192,10 +195,72 @@ fn matrix(args: MatrixArgs) -> ExitCode {
     }
 }
 
+#[derive(clap::Args)]
+struct DurabilityArgs {
+    /// Power cuts.
+    #[arg(long, default_value_t = 20)]
+    kills: u32,
+    /// Seed of the kill moments (default: from the clock; the report prints it).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// perfdhcp exchanges per second.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// The pxed binary for the server image (default $PXELAB_PXED, else pxed on PATH).
+    #[arg(long)]
+    pxed: Option<PathBuf>,
+    /// Where the disk, captures and consoles go (default: a new directory under /tmp).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+}
+
+fn durability(args: DurabilityArgs) -> ExitCode {
+    let pxed = args
+        .pxed
+        .or_else(|| std::env::var_os("PXELAB_PXED").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("pxed"));
+    let pxed = match pxelab::vmserver::resolve_binary(pxed) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pxelab: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let run_dir = args.run_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("pxelab-durability-{}", std::process::id()))
+    });
+    let mut opts = pxelab::durability::DurabilityOptions::new(args.kills, run_dir, pxed);
+    if let Some(seed) = args.seed {
+        opts.seed = seed;
+    }
+    if let Some(rate) = args.rate {
+        opts.rate = rate;
+    }
+    match pxelab::durability::run_durability(&opts) {
+        Ok(report) => {
+            print!("{}", report.summary());
+            println!(
+                "report in {}",
+                report.run_dir.join("durability.json").display()
+            );
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("pxelab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Matrix(args) => matrix(args),
+        Cmd::Durability(args) => durability(args),
         Cmd::Run { lab, run_dir } => match pxelab::bundle::load_lab(&lab) {
             Ok(l) => run_and_report(&l, run_dir),
             Err(e) => {

@@ -266,10 +266,11 @@ fn module_depends(ko: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// The NIC modules and their dependencies, dependencies first.
+/// `names` and their dependencies, dependencies first.
 fn resolve_modules(
     index: &HashMap<String, PathBuf>,
     config: &str,
+    names: &[&str],
 ) -> Result<Vec<(String, Vec<u8>)>> {
     fn visit(
         name: &str,
@@ -298,10 +299,41 @@ fn resolve_modules(
     }
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    for m in NIC_MODULES {
+    for m in names {
         visit(m, index, config, &mut seen, &mut out)?;
     }
     Ok(out)
+}
+
+/// Modules of the payload's kernel: `names` and their dependencies, dependencies first, as
+/// (name, plain ELF bytes). A name that is built in (`=y`) is skipped.
+pub fn kernel_modules(payload: &Payload, names: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let boot = payload
+        .kernel
+        .parent()
+        .with_context(|| format!("{}: no parent directory", payload.kernel.display()))?;
+    let root = boot
+        .parent()
+        .with_context(|| format!("{}: not in a boot/ directory", payload.kernel.display()))?;
+    let kver = payload
+        .kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .with_context(|| format!("{}: not a vmlinuz-<version>", payload.kernel.display()))?;
+    let config = std::fs::read_to_string(boot.join(format!("config-{kver}"))).unwrap_or_default();
+    let index = module_index(&root.join("lib/modules").join(kver))?;
+    let modules = resolve_modules(&index, &config, names)?;
+    for name in names {
+        let key = format!("CONFIG_{}=y", name.to_ascii_uppercase());
+        if !modules.iter().any(|(n, _)| n == name) && !config.lines().any(|l| l == key) {
+            bail!(
+                "module {name} is neither built in nor shipped with {}",
+                payload.package
+            );
+        }
+    }
+    Ok(modules)
 }
 
 /// The /init script. Every line it prints with [`STAGE_MARKER`] is evidence for the oracle.
@@ -369,7 +401,7 @@ fn ensure_initrd(cache: &Path, kernel_root: &Path, kver: &str) -> Result<PathBuf
     let config = std::fs::read_to_string(kernel_root.join("boot").join(format!("config-{kver}")))
         .unwrap_or_default();
     let index = module_index(&mod_dir)?;
-    let modules = resolve_modules(&index, &config)?;
+    let modules = resolve_modules(&index, &config, NIC_MODULES)?;
     let init = init_script();
 
     let mut h = Sha256::new();

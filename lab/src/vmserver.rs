@@ -18,7 +18,9 @@ use pxed::events::BootEvent;
 use pxed::mac::MacAddr;
 
 use crate::images::ensure_server_image;
-use crate::images::{DIED_LINE, EVENT_PREFIX, HTTP_PORT, READY_LINE};
+use crate::images::{
+    DIED_LINE, EVENT_PREFIX, HTTP_PORT, LEASE_PREFIX, READY_LINE, STATE_DISK_FAILED_LINE,
+};
 use crate::labfile::LabFile;
 use crate::machine::{Accel, ConsoleLine, Firmware, MachineSpec, OVMF_CODE, OVMF_VARS, Rom, Vm};
 use crate::payload::{Payload, cache_dir};
@@ -46,6 +48,26 @@ pub struct VmServerSpec {
     pub cpus: u32,
     /// The address pxed serves on (for the phone-home URL).
     pub address: std::net::Ipv4Addr,
+    /// A raw disk holding an ext4 file system that the server mounts as pxed's state directory
+    /// (leases survive the VM); attached writable as virtio-blk with `cache=none`.
+    pub state_disk: Option<PathBuf>,
+}
+
+/// A lease the server VM listed from its state disk at boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredLease {
+    /// The client.
+    pub mac: MacAddr,
+    /// Its address.
+    pub ip: Ipv4Addr,
+}
+
+/// What the server VM says while it boots.
+enum BootReport {
+    /// pxed serves; the leases it listed from its state disk.
+    Ready(Vec<StoredLease>),
+    /// pxed or the state disk failed.
+    Failed,
 }
 
 /// A running server VM.
@@ -54,6 +76,7 @@ pub struct VmServer {
     events: PathBuf,
     phone: String,
     copier: Option<std::thread::JoinHandle<()>>,
+    stored_leases: Vec<StoredLease>,
 }
 
 /// The QEMU command line for the server VM.
@@ -99,6 +122,20 @@ pub fn server_qemu_args(
             spec.disk.display()
         ),
     ]);
+    if let Some(state) = &spec.state_disk {
+        // cache=none: the guest sees a disk with a volatile write cache, so its fsync must
+        // send the FLUSH a real disk needs (QEMU then fdatasyncs the image), and QEMU writes
+        // with O_DIRECT, past the host's page cache. What a QEMU kill loses is then exactly
+        // what the guest had not yet handed to the disk. aio=threads: O_DIRECT without
+        // io_uring or libaio.
+        push(&[
+            "-drive",
+            &format!(
+                "file={},format=raw,if=virtio,cache=none,aio=threads",
+                state.display()
+            ),
+        ]);
+    }
     match spec.firmware {
         Firmware::Seabios => push(&["-boot", "c"]),
         Firmware::Ovmf => {
@@ -159,15 +196,20 @@ impl VmServer {
         let mut vm = Vm::spawn(machine, usize::MAX, &args, run_dir, tx)?;
         let events = run_dir.join("events.jsonl");
         let mut file = std::fs::File::create(&events)?;
-        let (ready_tx, ready_rx) = mpsc::channel::<bool>();
+        let (ready_tx, ready_rx) = mpsc::channel::<BootReport>();
         let copier = std::thread::Builder::new()
             .name("server-events".into())
             .spawn(move || {
+                let mut leases = Vec::new();
                 for line in rx {
                     if line.text.contains(READY_LINE) {
-                        let _ = ready_tx.send(true);
-                    } else if line.text.contains(DIED_LINE) {
-                        let _ = ready_tx.send(false);
+                        let _ = ready_tx.send(BootReport::Ready(std::mem::take(&mut leases)));
+                    } else if line.text.contains(DIED_LINE)
+                        || line.text.contains(STATE_DISK_FAILED_LINE)
+                    {
+                        let _ = ready_tx.send(BootReport::Failed);
+                    } else if let Some(lease) = parse_lease_line(&line.text) {
+                        leases.push(lease);
                     }
                     if let Some(ev) = parse_event_line(&line.text, line.at)
                         && let Ok(json) = serde_json::to_string(&ev)
@@ -178,11 +220,11 @@ impl VmServer {
                 }
             })?;
         let deadline = Instant::now() + timeout;
-        loop {
+        let stored_leases = loop {
             match ready_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(true) => break,
-                Ok(false) => bail!(
-                    "the server VM says pxed exited; console in {}",
+                Ok(BootReport::Ready(leases)) => break leases,
+                Ok(BootReport::Failed) => bail!(
+                    "the server VM says pxed (or its state disk) failed; console in {}",
                     run_dir.join("server.console.log").display()
                 ),
                 Err(_) => {}
@@ -199,7 +241,7 @@ impl VmServer {
                     run_dir.join("server.console.log").display()
                 );
             }
-        }
+        };
         Ok(VmServer {
             vm,
             events,
@@ -209,6 +251,7 @@ impl VmServer {
                 pxed::stage::BootStage::OsPhoneHome.as_str()
             ),
             copier: Some(copier),
+            stored_leases,
         })
     }
 
@@ -216,6 +259,31 @@ impl VmServer {
     pub fn pid(&self) -> u32 {
         self.vm.pid()
     }
+
+    /// The leases the server listed from its state disk at boot, before serving anyone
+    /// (empty without a state disk).
+    pub fn stored_leases(&self) -> &[StoredLease] {
+        &self.stored_leases
+    }
+
+    /// Pull the plug: SIGKILL the QEMU process, so the guest's page cache and block queue
+    /// vanish with it, and wait for it to be gone.
+    pub fn power_cut(&mut self) {
+        self.vm.power_cut();
+        if let Some(t) = self.copier.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `PXELAB-LEASE <mac> <ip> <expires> <hostname>` (the server's boot listing) -> the lease.
+pub fn parse_lease_line(text: &str) -> Option<StoredLease> {
+    let (_, rest) = text.split_once(LEASE_PREFIX)?;
+    let mut words = rest.split_whitespace();
+    Some(StoredLease {
+        mac: words.next()?.parse().ok()?,
+        ip: words.next()?.parse().ok()?,
+    })
 }
 
 /// `PXELAB-EVENT {json}` anywhere in a console line -> the event, stamped `at`.
@@ -319,6 +387,7 @@ pub fn start_for_lab(
         memory_mib: u32::try_from(def.vm.memory_mib).unwrap_or(u32::MAX),
         cpus: def.vm.cpus,
         address,
+        state_disk: None,
     };
     let (port, sock) = switch.add_stream_port(SERVER_PORT_NAME, Box::new(PassThrough))?;
     let timeout = SERVER_BOOT_TIMEOUT.mul_f64(scale);
@@ -352,5 +421,15 @@ mod tests {
         assert_eq!(ev.mac.to_string(), "08:00:27:77:01:10");
         assert!(parse_event_line("PXELAB-EVENT {broken", at).is_none());
         assert!(parse_event_line("[ 1.0] e1000: eth0 up", at).is_none());
+    }
+
+    #[test]
+    fn lease_lines_are_parsed() {
+        let l =
+            parse_lease_line("PXELAB-LEASE 02:dd:01:00:00:07  10.77.1.12  1764099000  -").unwrap();
+        assert_eq!(l.mac.to_string(), "02:dd:01:00:00:07");
+        assert_eq!(l.ip, Ipv4Addr::new(10, 77, 1, 12));
+        assert!(parse_lease_line("PXELAB-LEASE mac ip expires hostname").is_none());
+        assert!(parse_lease_line("PXELAB-LEASES-END").is_none());
     }
 }

@@ -116,6 +116,21 @@ fn parse_frame(frame: &[u8]) -> Option<Frame<'_>> {
     })
 }
 
+/// The DHCP ACK a server sent in `frame` (UDP from port 67, to a client on 68 or a relay on
+/// 67) that grants an address: the client's MAC and the address.
+pub fn dhcp_ack_lease(frame: &[u8]) -> Option<(MacAddr, Ipv4Addr)> {
+    use pxed::dhcp::wire::{DhcpPacket, MessageType};
+    let f = parse_frame(frame)?;
+    if f.proto != PROTO_UDP || be16(f.l4, 0)? != DHCP_SERVER_PORT {
+        return None;
+    }
+    let p = DhcpPacket::decode(f.l4.get(8..)?).ok()?;
+    if p.message_type() != Some(MessageType::Ack) || p.yiaddr.is_unspecified() {
+        return None;
+    }
+    Some((p.mac()?, p.yiaddr))
+}
+
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }

@@ -241,7 +241,7 @@ pub async fn boot_state(State(state): State<Arc<HttpState>>, Path(mac): Path<Str
 }
 
 /// `DELETE /api/machines/{mac}/state`: forget the one-shot stages, so the machine installs
-/// again on its next boot. Needs the bearer token when `api_token` is set.
+/// again on its next boot. Needs the bearer token (see [`authorize`]).
 pub async fn clear_boot_state(
     State(state): State<Arc<HttpState>>,
     Path(mac): Path<String>,
@@ -335,18 +335,18 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `Ok` when no token is configured or the request carries `Authorization: Bearer <token>`.
+/// `Ok` when the request carries `Authorization: Bearer <token>` with the configured token.
+/// Without a configured token nothing is authorized: `pxed serve` always has one (configured
+/// or generated), so this only refuses in states built without one.
 fn authorize(state: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let Some(token) = &state.config.api_token else {
-        return Ok(());
-    };
+    let token = state.config.api_token.as_deref().unwrap_or_default();
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        Some(g) if same_secret(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(g) if !token.is_empty() && same_secret(g.as_bytes(), token.as_bytes()) => Ok(()),
         _ => {
             let mut resp = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
             resp.headers_mut()
@@ -357,7 +357,7 @@ fn authorize(state: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>
 }
 
 /// `POST /api/events`: publish an event (JSON `{mac, stage, detail}`), e.g. from the lab's
-/// serial console watcher. Needs the bearer token when `[http] api_token` is set.
+/// serial console watcher. Needs the bearer token (see [`authorize`]).
 pub async fn post_event(
     State(state): State<Arc<HttpState>>,
     headers: HeaderMap,
@@ -427,6 +427,42 @@ mod tests {
         assert!(os_stage("").is_err());
         assert!(os_stage("a b").is_err());
         assert!(os_stage(&"x".repeat(65)).is_err());
+    }
+
+    fn state_with_token(token: Option<&str>) -> HttpState {
+        HttpState::new(
+            std::path::PathBuf::from("/nonexistent"),
+            Default::default(),
+            crate::policy::ServerAddrs {
+                ip: std::net::Ipv4Addr::LOCALHOST,
+                http_port: 8080,
+            },
+            crate::events::EventBus::new(),
+            crate::http::HttpConfig {
+                api_token: token.map(str::to_string),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn mutations_need_the_configured_token_and_none_pass_without_one() {
+        let bearer = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+            h
+        };
+        let with = state_with_token(Some("0123456789abcdef0123"));
+        assert!(authorize(&with, &bearer("0123456789abcdef0123")).is_ok());
+        assert!(authorize(&with, &bearer("0123456789abcdef0124")).is_err());
+        assert!(authorize(&with, &HeaderMap::new()).is_err());
+        // No token configured: nothing is authorized, not even an empty bearer.
+        let without = state_with_token(None);
+        assert!(authorize(&without, &bearer("")).is_err());
+        assert!(authorize(&without, &HeaderMap::new()).is_err());
     }
 
     #[test]

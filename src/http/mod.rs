@@ -45,8 +45,11 @@ pub struct HttpConfig {
     pub port: u16,
     /// Address to bind; the server address when absent.
     pub bind: Option<IpAddr>,
-    /// Bearer token required by mutating API endpoints (`POST /api/events`). Phone-home does
-    /// not need it: a booted test OS has no way to know it.
+    /// Bearer token required by mutating API endpoints (`POST /api/events`, `DELETE
+    /// /api/machines/{mac}/state`). Absent: `pxed serve` generates one and keeps it in
+    /// `<state_dir>/api-token` (mode 0600); a state without a token refuses every mutation.
+    /// Phone-home does not need it: a booted test OS has no way to know it (it carries its
+    /// per-boot token instead).
     pub api_token: Option<String>,
     /// Template and phone-home requests must carry a valid per-boot token (see [`token`]), and
     /// a token is only issued to a client whose MAC pxed can confirm from its IP (lease or ARP
@@ -64,6 +67,23 @@ pub struct HttpConfig {
     /// Most connections open at once from one client IP (a whole lab booting behind one NAT
     /// needs more; one machine needs a few).
     pub max_connections_per_ip: usize,
+}
+
+impl HttpConfig {
+    /// Check what serde cannot: a configured API token is long enough to be a secret.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = &self.api_token
+            && (t.trim().len() < token::MIN_API_TOKEN_CHARS || t.trim() != t)
+        {
+            return Err(format!(
+                "api_token must be at least {} characters without surrounding spaces \
+                 (or leave it out: pxed then generates one in <state_dir>/{})",
+                token::MIN_API_TOKEN_CHARS,
+                token::API_TOKEN_FILE
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for HttpConfig {

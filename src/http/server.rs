@@ -210,7 +210,7 @@ pub(crate) fn peer_ip(req_ext: &axum::http::Extensions) -> Option<IpAddr> {
 /// - `GET|POST /api/phone-home`: the booted OS reports a stage.
 /// - `GET /api/machines`, `GET /api/machines/{mac}`: timelines as JSON.
 /// - `GET /api/events`: Server-Sent Events, one `boot` event per [`crate::events::BootEvent`].
-/// - `POST /api/events`: publish an event (needs the bearer token when `api_token` is set).
+/// - `POST /api/events`: publish an event (needs the admin bearer token).
 /// - `GET /api/machines/{mac}/state`, `DELETE` (bearer token): one-shot boot state.
 /// - `GET /m/{mac}/{profile}/{token}/{*name}`: template `name` rendered for that machine.
 /// - `GET /metrics`: Prometheus text. `GET /`: the dashboard.

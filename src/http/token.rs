@@ -34,6 +34,86 @@ const CONTEXT: &[u8] = b"pxed boot token v1\0";
 #[derive(Clone)]
 pub struct Secret([u8; SECRET_LEN]);
 
+/// Bytes of randomness in a generated admin API token (shown as hex).
+pub const API_TOKEN_LEN: usize = 32;
+/// The file, in the state directory, holding the admin API token pxed generated.
+pub const API_TOKEN_FILE: &str = "api-token";
+
+/// Write `bytes` to `path` with mode 0600, synced, via a temporary file renamed into place, so
+/// a crash never leaves a half-written secret under the final name.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The admin API token kept at `path` (one line of text), or a new random one written there
+/// with mode 0600 when the file does not exist. A file that others can read, or that holds no
+/// usable token, is refused: a bearer token anyone on the host can read protects nothing.
+pub fn load_or_create_api_token(path: &Path) -> io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            let mode = f.metadata()?.permissions().mode();
+            if mode & 0o077 != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{}: the API token file is readable by others (mode {:o}); chmod 600 it",
+                        path.display(),
+                        mode & 0o777
+                    ),
+                ));
+            }
+            let mut buf = Vec::new();
+            // Twice the hex length is plenty for a hand-written token too.
+            f.take(4 * API_TOKEN_LEN as u64 + 1).read_to_end(&mut buf)?;
+            let text = String::from_utf8(buf).unwrap_or_default();
+            let token = text.trim();
+            if token.len() < MIN_API_TOKEN_CHARS || token.len() > 4 * API_TOKEN_LEN {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: not an API token (one line of {MIN_API_TOKEN_CHARS} to {} \
+                         characters); delete it and pxed makes a new one",
+                        path.display(),
+                        4 * API_TOKEN_LEN
+                    ),
+                ));
+            }
+            Ok(token.to_string())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut raw = [0u8; API_TOKEN_LEN];
+            getrandom::fill(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
+            let token = raw.iter().fold(String::new(), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            });
+            write_private(path, format!("{token}\n").as_bytes())?;
+            Ok(token)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The shortest API token accepted, from the config or the token file: 16 characters of a
+/// password-like token are far beyond online guessing at HTTP request rates.
+pub const MIN_API_TOKEN_CHARS: usize = 16;
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(..)")
@@ -75,22 +155,7 @@ impl Secret {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let s = Secret::random()?;
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let tmp = path.with_extension("tmp");
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(&tmp)?;
-                    f.write_all(&s.0)?;
-                    f.sync_all()?;
-                }
-                std::fs::rename(&tmp, path)?;
+                write_private(path, &s.0)?;
                 Ok(s)
             }
             Err(e) => Err(e),

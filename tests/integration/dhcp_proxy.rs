@@ -103,6 +103,8 @@ fn proxy_beside_dnsmasq_boots_bios_uefi_and_ipxe() {
     let mut pxed_cmd = lan.hosts[srv].command(env!("CARGO_BIN_EXE_pxed"));
     pxed_cmd.args(["serve", "--interface", "eth0", "--root"]);
     pxed_cmd.arg(&root).arg("--event-log").arg(&events);
+    // The generated admin API token goes there, not to /var/lib/pxed.
+    pxed_cmd.arg("--state-dir").arg(dir.path().join("state"));
     let mut pxed = Daemon::spawn(pxed_cmd, &dir.path().join("pxed.log"));
 
     wait_for("servers to listen", Duration::from_secs(10), || {

@@ -352,3 +352,80 @@ fn pxed_drops_to_nobody_and_listens_only_where_asked() {
         );
     }
 }
+
+/// `curl` in `ns` with `args`; the HTTP status code.
+fn http_status(ns: &NetNs, args: &[&str]) -> u16 {
+    let out = ns
+        .command("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// No `api_token` in the config: pxed generates one into `<state_dir>/api-token` (mode 0600,
+/// named in the log, never printed), the mutating API refuses requests without it and accepts
+/// them with it, and a restart keeps the same token.
+#[test]
+fn the_admin_api_needs_the_token_pxed_generates_when_none_is_configured() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lan = crate::support::Lan::new();
+    let srv = lan.host("hsv", Some("10.246.0.1/24"));
+    let cfg = config(dir.path(), 246, "", "");
+    let token_file = dir.path().join("state").join("api-token");
+    let events = "http://10.246.0.1:8080/api/events";
+    let state = "http://10.246.0.1:8080/api/machines/52:54:00:12:34:56/state";
+    let body = r#"{"mac":"52:54:00:12:34:56","stage":"os.custom","detail":"x"}"#;
+    let mut tokens = Vec::new();
+    for round in 0..2 {
+        let log = dir.path().join(format!("pxed{round}.log"));
+        let pxed = crate::support::start_pxed(&lan.hosts[srv], &cfg, &log, &[]);
+        let ns = &lan.hosts[srv];
+        wait_for("pxed's HTTP", Duration::from_secs(10), || {
+            (http_status(ns, &[events, "-X", "HEAD"]) != 0).then_some(())
+        });
+        let token = std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(token.len(), 64, "{token}");
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()), "{token}");
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let text = pxed.log_text();
+        assert!(text.contains(&token_file.display().to_string()), "{text}");
+        assert!(!text.contains(&token), "the log shows the token:\n{text}");
+
+        let auth = format!("Authorization: Bearer {token}");
+        assert_eq!(http_status(ns, &["-d", body, events]), 401);
+        assert_eq!(
+            http_status(
+                ns,
+                &["-H", "Authorization: Bearer wrong", "-d", body, events]
+            ),
+            401
+        );
+        assert_eq!(http_status(ns, &["-X", "DELETE", state]), 401);
+        assert_eq!(http_status(ns, &["-H", &auth, "-d", body, events]), 204);
+        assert_eq!(http_status(ns, &["-H", &auth, "-X", "DELETE", state]), 200);
+        // Reads need no token.
+        assert_eq!(http_status(ns, &[state]), 200);
+        tokens.push(token);
+        drop(pxed);
+    }
+    assert_eq!(tokens[0], tokens[1], "a restart keeps the token");
+}

@@ -6,6 +6,7 @@ mod support;
 mod cli;
 mod dhcp_full;
 mod dhcp_proxy;
+mod durability;
 mod harden;
 mod harden_lab;
 mod http;
