@@ -16,6 +16,10 @@ use crate::machine::{Firmware, MachineSpec, NetBoot, Rom};
 pub const DEFAULT_TCG_SCALE: f64 = 3.0;
 /// Default guest memory: the test OS needs little, iPXE and OVMF want some room.
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// `[server] mtu` bounds: IPv4 needs 576 from every host (RFC 791); above the machines' 1500
+/// the setting means nothing, since the machines' links carry 1500.
+const SERVER_MTU_MIN: u32 = 576;
+const SERVER_MTU_MAX: u32 = 1500;
 /// Machines per lab: each is a TCG QEMU on a 2-core host.
 pub const MAX_MACHINES: usize = 16;
 
@@ -94,6 +98,10 @@ pub struct ServerSection {
     /// with the same config and state, while the client is in the middle of that transfer.
     #[serde(default)]
     pub restart_at: Option<BootStage>,
+    /// dnsmasq, pxed: the MTU of the server's interface in the lab, when it is smaller than the
+    /// machines' 1500 (a server behind a tunnel, VXLAN or WireGuard link: firmware-quirks.md Q7).
+    /// Datagrams bigger than this leave the server in IP fragments.
+    pub mtu: Option<u32>,
 }
 
 /// A DHCP server that gives addresses and no boot data.
@@ -251,6 +259,14 @@ impl LabFile {
             }
             if self.expect.is_empty() && m.expect.is_empty() {
                 bail!("machine `{}` expects no stage: add [[expect]]", m.name);
+            }
+        }
+        if let Some(mtu) = self.server.mtu {
+            if self.server.kind == ServerKind::Vm {
+                bail!("[server] mtu is for dnsmasq and pxed (a server VM sets its own)");
+            }
+            if !(SERVER_MTU_MIN..=SERVER_MTU_MAX).contains(&mtu) {
+                bail!("[server] mtu = {mtu}: between {SERVER_MTU_MIN} and {SERVER_MTU_MAX}");
             }
         }
         if let Some(s) = &self.lab.subnet {
