@@ -274,7 +274,10 @@ impl Rule {
             bail!("rule {i}: say direction = \"from-client\" or \"to-client\"");
         }
         if self.ip_fragments
-            && (self.is_dhcp() || self.is_tftp() || self.udp_port.is_some() || self.unicast.is_some())
+            && (self.is_dhcp()
+                || self.is_tftp()
+                || self.udp_port.is_some()
+                || self.unicast.is_some())
         {
             bail!("rule {i}: ip_fragments matches pieces of datagrams, not DHCP, TFTP or ports");
         }
@@ -1242,10 +1245,13 @@ mod tests {
 
     #[test]
     fn fragment_rules_drop_only_fragments() {
-        let mut f = profile(
-            "[[rule]]\ndirection = \"to-client\"\nip_fragments = true\ndrop = true\n",
+        let mut f =
+            profile("[[rule]]\ndirection = \"to-client\"\nip_fragments = true\ndrop = true\n");
+        let whole = udp_frame(
+            ([10, 0, 0, 1], [10, 0, 0, 100]),
+            (3000, 2000),
+            &[0, 3, 0, 1],
         );
-        let whole = udp_frame(([10, 0, 0, 1], [10, 0, 0, 100]), (3000, 2000), &[0, 3, 0, 1]);
         let mut first = whole.clone();
         first[20] = 0x20; // More Fragments
         let mut last = whole.clone();
@@ -1254,10 +1260,19 @@ mod tests {
             f.on_frame(Direction::Egress, whole.clone(), Instant::now()),
             vec![(Duration::ZERO, whole)]
         );
-        assert!(f.on_frame(Direction::Egress, first.clone(), Instant::now()).is_empty());
-        assert!(f.on_frame(Direction::Egress, last, Instant::now()).is_empty());
+        assert!(
+            f.on_frame(Direction::Egress, first.clone(), Instant::now())
+                .is_empty()
+        );
+        assert!(
+            f.on_frame(Direction::Egress, last, Instant::now())
+                .is_empty()
+        );
         // From the client: not this rule's direction.
-        assert_eq!(f.on_frame(Direction::Ingress, first, Instant::now()).len(), 1);
+        assert_eq!(
+            f.on_frame(Direction::Ingress, first, Instant::now()).len(),
+            1
+        );
         assert_eq!(f.hits, vec![2]);
     }
 
@@ -1283,7 +1298,7 @@ mod tests {
         let both = all
             .iter()
             .filter(|p| p.check.as_ref().is_some_and(|c| c.fail_stage.is_some()));
-        assert!(both.count() >= 6);
+        assert!(both.count() >= 11);
         for p in &all {
             assert!(p.source.contains("firmware-quirks.md Q"), "{}", p.name);
             let c = p

@@ -505,7 +505,8 @@ impl DhcpEngine {
                     };
                 };
                 ctx.event(BootStage::DhcpInform, ctx.req.ciaddr.to_string());
-                let dest = client_destination(&ctx.req, ctx.req.ciaddr, self.config.honour_broadcast_flag);
+                let dest =
+                    client_destination(&ctx.req, ctx.req.ciaddr, self.config.honour_broadcast_flag);
                 self.finish(ctx, reply, dest, None)
             }
             other => ctx.ignore(format!("{other:?} from a client")),

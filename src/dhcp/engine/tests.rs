@@ -931,7 +931,10 @@ fn arch_9_is_x64_unless_turned_off() {
         },
         &c,
     );
-    assert_ne!(only_7.file, b"snponly.efi", "9 unknown: the default program");
+    assert_ne!(
+        only_7.file, b"snponly.efi",
+        "9 unknown: the default program"
+    );
 }
 
 #[test]
@@ -982,8 +985,16 @@ fn pxe_client_without_uuid_is_served_unless_turned_off() {
     assert!(out.reply.is_none());
     assert_eq!(stages(&out), vec![BootStage::DhcpIgnore]);
     // With its UUID the same client is answered, and a client that is not PXE never needs one.
-    assert!(send(&mut strict, &Client::edk2().packet(), Port::Dhcp).reply.is_some());
-    assert!(send(&mut strict, &Client::plain().packet(), Port::Dhcp).reply.is_some());
+    assert!(
+        send(&mut strict, &Client::edk2().packet(), Port::Dhcp)
+            .reply
+            .is_some()
+    );
+    assert!(
+        send(&mut strict, &Client::plain().packet(), Port::Dhcp)
+            .reply
+            .is_some()
+    );
 }
 
 /// Q12: one boot sends several DHCP conversations; retransmissions and missing UUIDs must not
