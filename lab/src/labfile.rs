@@ -393,4 +393,20 @@ within = "2m"
         assert!(LabFile::parse(&dup).is_err());
         assert!(LabFile::parse(&GOOD.replace("10.77.9.0/24", "10.77.9.0/16")).is_err());
     }
+
+    #[test]
+    fn server_mtu_is_bounded() {
+        let with = |mtu: &str| {
+            GOOD.replace(
+                "kind = \"dnsmasq\"",
+                &format!("kind = \"dnsmasq\"\nmtu = {mtu}"),
+            )
+        };
+        assert_eq!(
+            LabFile::parse(&with("1400")).unwrap().server.mtu,
+            Some(1400)
+        );
+        assert!(LabFile::parse(&with("9000")).is_err());
+        assert!(LabFile::parse(&with("100")).is_err());
+    }
 }

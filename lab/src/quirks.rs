@@ -315,6 +315,11 @@ pub struct Check {
     /// The stage the failing run must fail at (what the source describes). None: the lab
     /// has no server setup that fails on this quirk yet, and the check only shows pxed booting.
     pub fail_stage: Option<BootStage>,
+    /// Stages the failing run's oracle lets pass (`[oracle] tolerate`), so the stage the
+    /// firmware fails at decides: pxed's own `tftp.error` for a transfer the client gave up on
+    /// and the firmware's console message come within milliseconds, in either order.
+    #[serde(default)]
+    pub fail_tolerate: Vec<BootStage>,
     /// The failing run's deadlines are cut to this (wall clock), so a stall fails fast.
     #[serde(default, with = "humantime_serde")]
     pub fail_within: Option<Duration>,
@@ -982,6 +987,9 @@ pub fn check_lab(
         lab.server.mtu = check.server_mtu;
     }
     if side == Side::Fails {
+        lab.oracle
+            .tolerate
+            .extend(check.fail_tolerate.iter().map(ToString::to_string));
         if !check.fail_config.is_empty() {
             let template = lab
                 .server
