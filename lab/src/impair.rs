@@ -1,5 +1,5 @@
 //! Link impairments on one switch port: loss, duplication, reordering, delay with jitter, an
-//! MTU cap and a link-up delay (a switch port that forwards nothing for its first seconds, like
+//! MTU cap, dropping of IP fragments and a link-up delay (a switch port that forwards nothing for its first seconds, like
 //! one running spanning tree: firmware-quirks.md Q13). Randomness comes from a seeded generator,
 //! so a lab with the same seed drops the same frames; the filter takes `now` from its caller,
 //! so tests drive it with virtual time.
@@ -16,6 +16,11 @@ const ETH_HEADER: usize = 14;
 /// How much longer a reordered frame is held than the frames around it: long enough for the
 /// next frame of a burst to overtake it, short against any firmware retransmit timer (>= 1 s).
 pub const REORDER_HOLD: Duration = Duration::from_millis(15);
+/// EtherType of IPv4 (a fragment is recognised in its header).
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+/// IPv4 flags/fragment-offset field: the More Fragments bit and the 13-bit offset (RFC 791
+/// section 3.1). A datagram is a fragment when either is set.
+const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 /// The smallest IPv4 MTU a link may have (RFC 791: every host takes 576-byte datagrams; 68 is
 /// the absolute minimum, anything below breaks IP itself).
 const MIN_MTU: usize = 68;
@@ -65,10 +70,15 @@ pub struct ImpairConfig {
     /// Largest IP packet (bytes after the Ethernet header) the link carries; bigger frames are
     /// dropped, as a path with a smaller MTU would (Q7).
     pub mtu: Option<usize>,
+    /// Drop IPv4 fragments (both ways): a firewall or NAT on the path that does not pass
+    /// fragments, or a ROM that cannot reassemble them ("many netboot ROMs can't cope with
+    /// fragmented packets", dnsmasq 2.51: Q7). Whole datagrams up to the MTU pass.
+    #[serde(default)]
+    pub drop_fragments: bool,
     /// Frames are dropped for this long after the port comes up (spanning tree, LACP: Q13).
     #[serde(default, with = "humantime_serde")]
     pub link_up_delay: Option<Duration>,
-    /// Which way loss, duplication, reordering and delay apply (MTU and link-up: both ways).
+    /// Which way loss, duplication, reordering and delay apply (MTU, fragments and link-up: both ways).
     #[serde(default)]
     pub ways: Ways,
     /// The random seed (same seed, same frames dropped).
@@ -136,6 +146,8 @@ pub struct ImpairStats {
     pub lost: u64,
     /// Dropped for exceeding the MTU.
     pub too_big: u64,
+    /// IPv4 fragments dropped.
+    pub fragments: u64,
     /// Dropped before the link came up.
     pub link_down: u64,
     /// Extra copies sent.
@@ -196,6 +208,10 @@ impl FrameFilter for Impair {
             self.stats.too_big += 1;
             return Vec::new();
         }
+        if self.cfg.drop_fragments && is_ipv4_fragment(&frame) {
+            self.stats.fragments += 1;
+            return Vec::new();
+        }
         if !self.cfg.ways.applies(dir) {
             return vec![(Duration::ZERO, frame)];
         }
@@ -224,6 +240,16 @@ impl FrameFilter for Impair {
         }
         out
     }
+}
+
+/// Whether an Ethernet frame carries an IPv4 fragment (first, middle or last piece).
+pub(crate) fn is_ipv4_fragment(frame: &[u8]) -> bool {
+    if frame.get(12..14) != Some(&ETHERTYPE_IPV4[..]) {
+        return false;
+    }
+    frame
+        .get(ETH_HEADER + 6..ETH_HEADER + 8)
+        .is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & IPV4_MF_OR_OFFSET != 0)
 }
 
 #[cfg(test)]
@@ -337,6 +363,37 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(imp.stats().too_big, 1);
+    }
+
+    #[test]
+    fn fragments_are_dropped_whole_datagrams_pass() {
+        let t0 = Instant::now();
+        let mut imp = Impair::new(
+            ImpairConfig {
+                drop_fragments: true,
+                ..Default::default()
+            },
+            t0,
+        );
+        let ipv4 = |flags_offset: u16| {
+            let mut f = vec![0u8; 14 + 1500];
+            f[12..14].copy_from_slice(&ETHERTYPE_IPV4);
+            f[14] = 0x45;
+            f[20..22].copy_from_slice(&flags_offset.to_be_bytes());
+            f
+        };
+        // DF set, no offset: a whole datagram.
+        assert_eq!(imp.on_frame(Direction::Egress, ipv4(0x4000), t0).len(), 1);
+        // First piece (MF), middle and last (offset set).
+        for fo in [0x2000, 0x2000 | 185, 370] {
+            assert!(imp.on_frame(Direction::Egress, ipv4(fo), t0).is_empty());
+        }
+        // Not IPv4 (ARP), and runts: never taken for fragments.
+        let mut arp = ipv4(0x2000);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(imp.on_frame(Direction::Ingress, arp, t0).len(), 1);
+        assert_eq!(imp.on_frame(Direction::Ingress, vec![8, 0], t0).len(), 1);
+        assert_eq!(imp.stats().fragments, 3);
     }
 
     #[test]

@@ -16,6 +16,10 @@ use crate::machine::{Firmware, MachineSpec, NetBoot, Rom};
 pub const DEFAULT_TCG_SCALE: f64 = 3.0;
 /// Default guest memory: the test OS needs little, iPXE and OVMF want some room.
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// `[server] mtu` bounds: IPv4 needs 576 from every host (RFC 791); above the machines' 1500
+/// the setting means nothing, since the machines' links carry 1500.
+const SERVER_MTU_MIN: u32 = 576;
+const SERVER_MTU_MAX: u32 = 1500;
 /// Machines per lab: each is a TCG QEMU on a 2-core host.
 pub const MAX_MACHINES: usize = 16;
 
@@ -94,6 +98,10 @@ pub struct ServerSection {
     /// with the same config and state, while the client is in the middle of that transfer.
     #[serde(default)]
     pub restart_at: Option<BootStage>,
+    /// dnsmasq, pxed: the MTU of the server's interface in the lab, when it is smaller than the
+    /// machines' 1500 (a server behind a tunnel, VXLAN or WireGuard link: firmware-quirks.md Q7).
+    /// Datagrams bigger than this leave the server in IP fragments.
+    pub mtu: Option<u32>,
 }
 
 /// A DHCP server that gives addresses and no boot data.
@@ -253,6 +261,14 @@ impl LabFile {
                 bail!("machine `{}` expects no stage: add [[expect]]", m.name);
             }
         }
+        if let Some(mtu) = self.server.mtu {
+            if self.server.kind == ServerKind::Vm {
+                bail!("[server] mtu is for dnsmasq and pxed (a server VM sets its own)");
+            }
+            if !(SERVER_MTU_MIN..=SERVER_MTU_MAX).contains(&mtu) {
+                bail!("[server] mtu = {mtu}: between {SERVER_MTU_MIN} and {SERVER_MTU_MAX}");
+            }
+        }
         if let Some(s) = &self.lab.subnet {
             parse_subnet(s)?;
         }
@@ -376,5 +392,21 @@ within = "2m"
         let dup = GOOD.replace("name = \"u1\"", "name = \"c1\"");
         assert!(LabFile::parse(&dup).is_err());
         assert!(LabFile::parse(&GOOD.replace("10.77.9.0/24", "10.77.9.0/16")).is_err());
+    }
+
+    #[test]
+    fn server_mtu_is_bounded() {
+        let with = |mtu: &str| {
+            GOOD.replace(
+                "kind = \"dnsmasq\"",
+                &format!("kind = \"dnsmasq\"\nmtu = {mtu}"),
+            )
+        };
+        assert_eq!(
+            LabFile::parse(&with("1400")).unwrap().server.mtu,
+            Some(1400)
+        );
+        assert!(LabFile::parse(&with("9000")).is_err());
+        assert!(LabFile::parse(&with("100")).is_err());
     }
 }

@@ -415,6 +415,17 @@ fn pxelab_quirks(show: Option<String>, check: Option<String>, check_all: bool) -
             for p in &profiles {
                 println!("{:<28} {}", p.name, p.summary);
                 println!("{:<28} source: {}", "", p.source);
+                if let Some(c) = &p.check
+                    && let Some(stage) = c.fail_stage
+                {
+                    println!(
+                        "{:<28} fails at {stage} with {}; pxed's defaults boot",
+                        "",
+                        toml::Value::Table(c.fail_config.clone())
+                    );
+                } else {
+                    println!("{:<28} boot side only: no lab server setup fails on it", "");
+                }
             }
             return ExitCode::SUCCESS;
         }

@@ -177,6 +177,15 @@ pub struct Rule {
     pub tftp: Vec<TftpKind>,
     /// Match UDP packets to this destination port.
     pub udp_port: Option<u16>,
+    /// Match IPv4 fragments (first, middle and last pieces of a datagram bigger than the link
+    /// MTU), e.g. to drop them like a ROM that cannot reassemble (Q7). Only `drop`, `delay`
+    /// and `duplicate` act on them; every other matcher needs a whole UDP datagram, so
+    /// fragments pass all other rules untouched.
+    #[serde(default)]
+    pub ip_fragments: bool,
+    /// Match by destination IP: `true` only unicast packets, `false` only broadcast and
+    /// multicast ones (a firmware that cannot take unicast before it has an address: Q11).
+    pub unicast: Option<bool>,
     /// Match DHCP messages that carry all these options.
     #[serde(default)]
     pub has_option: Vec<u8>,
@@ -264,6 +273,14 @@ impl Rule {
         if self.direction == Ways::Both && (self.is_dhcp() || self.is_tftp()) {
             bail!("rule {i}: say direction = \"from-client\" or \"to-client\"");
         }
+        if self.ip_fragments
+            && (self.is_dhcp()
+                || self.is_tftp()
+                || self.udp_port.is_some()
+                || self.unicast.is_some())
+        {
+            bail!("rule {i}: ip_fragments matches pieces of datagrams, not DHCP, TFTP or ports");
+        }
         if self.duplicate > MAX_DUPLICATES {
             bail!("rule {i}: at most {MAX_DUPLICATES} duplicates");
         }
@@ -298,11 +315,19 @@ pub struct Check {
     /// The stage the failing run must fail at (what the source describes). None: the lab
     /// has no server setup that fails on this quirk yet, and the check only shows pxed booting.
     pub fail_stage: Option<BootStage>,
+    /// Stages the failing run's oracle lets pass (`[oracle] tolerate`), so the stage the
+    /// firmware fails at decides: pxed's own `tftp.error` for a transfer the client gave up on
+    /// and the firmware's console message come within milliseconds, in either order.
+    #[serde(default)]
+    pub fail_tolerate: Vec<BootStage>,
     /// The failing run's deadlines are cut to this (wall clock), so a stall fails fast.
     #[serde(default, with = "humantime_serde")]
     pub fail_within: Option<Duration>,
     /// Link impairments for both runs (e.g. an MTU cap).
     pub impair: Option<ImpairConfig>,
+    /// The server's interface MTU for both runs (`[server] mtu`: a server behind a smaller-MTU
+    /// link than the machine's).
+    pub server_mtu: Option<u32>,
     /// Whether the check belongs to the default test suite (else `pxelab quirks --check`).
     #[serde(default)]
     pub in_default_suite: bool,
@@ -696,8 +721,16 @@ fn rule_matches(
     if rule.direction != Ways::Both && rule.direction != way {
         return false;
     }
+    if rule.ip_fragments {
+        return false;
+    }
     if let Some(port) = rule.udp_port
         && v.is_none_or(|v| v.dport != port)
+    {
+        return false;
+    }
+    if let Some(unicast) = rule.unicast
+        && v.is_none_or(|v| (!v.dst.is_broadcast() && !v.dst.is_multicast()) != unicast)
     {
         return false;
     }
@@ -781,6 +814,50 @@ fn edit_tftp(rule: &Rule, t: &mut TftpOpts) {
     }
 }
 
+impl QuirkFilter {
+    /// An IPv4 fragment: only `ip_fragments` rules act on it (drop, delay, duplicate).
+    fn on_fragment(&mut self, dir: Direction, frame: Vec<u8>) -> Vec<(Duration, Vec<u8>)> {
+        let way = match dir {
+            Direction::Ingress => Ways::FromClient,
+            Direction::Egress => Ways::ToClient,
+        };
+        let mut delay = Duration::ZERO;
+        let mut copies = 0u32;
+        let mut gap = Duration::ZERO;
+        for (i, (rule, used)) in self.rules.iter_mut().enumerate() {
+            if !rule.ip_fragments
+                || (rule.direction != Ways::Both && rule.direction != way)
+                || rule.times.is_some_and(|t| *used >= t)
+            {
+                continue;
+            }
+            *used += 1;
+            if let Some(h) = self.hits.get_mut(i) {
+                *h += 1;
+            }
+            if rule.drop {
+                return Vec::new();
+            }
+            delay += rule.delay.unwrap_or_default();
+            copies = copies.saturating_add(rule.duplicate);
+            gap = gap.max(rule.duplicate_gap.unwrap_or_default());
+        }
+        spaced_copies(frame, delay, copies, gap)
+    }
+}
+
+/// The frame after `delay`, then `copies` more, `gap` apart.
+fn spaced_copies(
+    frame: Vec<u8>,
+    delay: Duration,
+    copies: u32,
+    gap: Duration,
+) -> Vec<(Duration, Vec<u8>)> {
+    (0..=copies)
+        .map(|i| (delay + gap * i, frame.clone()))
+        .collect()
+}
+
 impl FrameFilter for QuirkFilter {
     fn on_frame(
         &mut self,
@@ -788,6 +865,9 @@ impl FrameFilter for QuirkFilter {
         frame: Vec<u8>,
         _now: Instant,
     ) -> Vec<(Duration, Vec<u8>)> {
+        if crate::impair::is_ipv4_fragment(&frame) {
+            return self.on_fragment(dir, frame);
+        }
         let Some(v) = parse_udp(&frame) else {
             return vec![(Duration::ZERO, frame)];
         };
@@ -843,9 +923,7 @@ impl FrameFilter for QuirkFilter {
         } else {
             frame
         };
-        (0..=copies)
-            .map(|i| (delay + gap * i, out.clone()))
-            .collect()
+        spaced_copies(out, delay, copies, gap)
     }
 }
 
@@ -906,7 +984,13 @@ pub fn check_lab(
         m.quirks = vec![spec.to_string()];
         m.impair = check.impair.clone();
     }
+    if check.server_mtu.is_some() {
+        lab.server.mtu = check.server_mtu;
+    }
     if side == Side::Fails {
+        lab.oracle
+            .tolerate
+            .extend(check.fail_tolerate.iter().map(ToString::to_string));
         if !check.fail_config.is_empty() {
             let template = lab
                 .server
@@ -1150,12 +1234,65 @@ mod tests {
     }
 
     #[test]
+    fn unicast_replies_are_told_from_broadcast_ones() {
+        let mut f = profile(
+            "[[rule]]\ndirection = \"to-client\"\ndhcp = [\"offer\"]\nunicast = true\ndrop = true\n",
+        );
+        let offer = dhcp(2, 2, &[(60, b"PXEClient")]);
+        let to_all = udp_frame(SERVER_IPS, (67, 68), &offer);
+        let to_one = udp_frame(([10, 0, 0, 1], [10, 0, 0, 100]), (67, 68), &offer);
+        assert_eq!(
+            f.on_frame(Direction::Egress, to_all, Instant::now()).len(),
+            1
+        );
+        assert!(
+            f.on_frame(Direction::Egress, to_one, Instant::now())
+                .is_empty()
+        );
+        assert_eq!(f.hits, vec![1]);
+    }
+
+    #[test]
+    fn fragment_rules_drop_only_fragments() {
+        let mut f =
+            profile("[[rule]]\ndirection = \"to-client\"\nip_fragments = true\ndrop = true\n");
+        let whole = udp_frame(
+            ([10, 0, 0, 1], [10, 0, 0, 100]),
+            (3000, 2000),
+            &[0, 3, 0, 1],
+        );
+        let mut first = whole.clone();
+        first[20] = 0x20; // More Fragments
+        let mut last = whole.clone();
+        last[21] = 185; // offset 1480
+        assert_eq!(
+            f.on_frame(Direction::Egress, whole.clone(), Instant::now()),
+            vec![(Duration::ZERO, whole)]
+        );
+        assert!(
+            f.on_frame(Direction::Egress, first.clone(), Instant::now())
+                .is_empty()
+        );
+        assert!(
+            f.on_frame(Direction::Egress, last, Instant::now())
+                .is_empty()
+        );
+        // From the client: not this rule's direction.
+        assert_eq!(
+            f.on_frame(Direction::Ingress, first, Instant::now()).len(),
+            1
+        );
+        assert_eq!(f.hits, vec![2]);
+    }
+
+    #[test]
     fn profiles_are_validated() {
         let bad = [
             "[[rule]]\ndirection = \"to-client\"\nstrip_options = [60]\ntftp = [\"rrq\"]\n",
             "[[rule]]\ndirection = \"both\"\nstrip_options = [60]\n",
             "[[rule]]\ndirection = \"to-client\"\nstrip_option = [60]\n",
             "[[rule]]\ndirection = \"to-client\"\n[[rule.set_option]]\ncode = 60\nhex = \"zz\"\n",
+            "[[rule]]\ndirection = \"to-client\"\nip_fragments = true\ntftp = [\"data\"]\n",
         ];
         for b in bad {
             let text = format!("name = \"t\"\nsummary = \"t\"\nsource = \"s\"\n{b}");
@@ -1170,7 +1307,7 @@ mod tests {
         let both = all
             .iter()
             .filter(|p| p.check.as_ref().is_some_and(|c| c.fail_stage.is_some()));
-        assert!(both.count() >= 6);
+        assert!(both.count() >= 11);
         for p in &all {
             assert!(p.source.contains("firmware-quirks.md Q"), "{}", p.name);
             let c = p

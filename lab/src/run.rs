@@ -155,6 +155,9 @@ fn run_inner(
     // A server VM is itself on the switch: no uplink into the namespace.
     if lab.server.kind != ServerKind::Vm {
         let tap = netns.create_tap(TAP_NAME, &format!("{server_ip}/24"))?;
+        if let Some(mtu) = lab.server.mtu {
+            netns.ip(&["link", "set", TAP_NAME, "mtu", &mtu.to_string()])?;
+        }
         switch.add_tap_port("uplink", tap, Box::new(PassThrough))?;
     }
 

@@ -25,6 +25,8 @@ pub const CLIENT_PORT: u16 = 68;
 pub const PXE_PORT: u16 = 4011;
 /// The longest boot file name the BOOTP `file` field holds with its NUL (RFC 951).
 const FILE_FIELD_MAX: usize = 127;
+/// Option 93 code 9: "EFI x86-64" in RFC 4578's table, "EFI BC" in its erratum (Q5).
+const ARCH_EFI_X86_64_RFC4578: u16 = 9;
 /// How long an address that passed the conflict probe is offered again without a new probe, in
 /// seconds: a client that retries a DISCOVER is not delayed twice, and a host that appears
 /// later is still found on a later offer.
@@ -300,6 +302,10 @@ impl DhcpEngine {
         if !self.config.arch_from_vendor_class && !req.options.contains(93) {
             facts.arch_code = None;
         }
+        // Q5: a server that knows only 7 as x64 UEFI treats 9 as unknown: the default program.
+        if !self.config.arch_9_is_x64 && facts.arch_code == Some(ARCH_EFI_X86_64_RFC4578) {
+            facts.arch_code = None;
+        }
         let mut ctx = Ctx {
             rx,
             req,
@@ -313,6 +319,13 @@ impl DhcpEngine {
         let Some(kind) = ctx.req.message_type() else {
             return ctx.ignore("no DHCP message type (BOOTP is not served)");
         };
+        // Q12: a server that requires option 97 does not answer a PXE ROM that omits it.
+        if !self.config.serve_without_uuid
+            && is_pxe_client(&ctx.facts)
+            && !ctx.req.options.contains(code::CLIENT_UUID)
+        {
+            return ctx.ignore("PXE client without option 97 (serve_without_uuid = false)");
+        }
         if ctx.facts.is_ipxe && matches!(kind, MessageType::Discover) {
             ctx.event(BootStage::IpxeDhcp, ipxe_detail(&ctx.facts));
         }
@@ -444,7 +457,7 @@ impl DhcpEngine {
                     BootStage::DhcpOffer,
                     format!("{ip} {}", boot_detail(&reply)),
                 );
-                let dest = client_destination(&ctx.req, ip);
+                let dest = client_destination(&ctx.req, ip, self.config.honour_broadcast_flag);
                 if self.needs_probe(&who, ip, now) {
                     return self.hold_for_probe(ctx, reply, dest, ip);
                 }
@@ -492,7 +505,8 @@ impl DhcpEngine {
                     };
                 };
                 ctx.event(BootStage::DhcpInform, ctx.req.ciaddr.to_string());
-                let dest = client_destination(&ctx.req, ctx.req.ciaddr);
+                let dest =
+                    client_destination(&ctx.req, ctx.req.ciaddr, self.config.honour_broadcast_flag);
                 self.finish(ctx, reply, dest, None)
             }
             other => ctx.ignore(format!("{other:?} from a client")),
@@ -538,7 +552,7 @@ impl DhcpEngine {
                 };
                 reply.yiaddr = ip;
                 ctx.event(BootStage::DhcpAck, format!("{ip} {}", boot_detail(&reply)));
-                let dest = client_destination(&ctx.req, ip);
+                let dest = client_destination(&ctx.req, ip, self.config.honour_broadcast_flag);
                 // Recorded now so that the next packet cannot be given this address; the
                 // ACK itself waits in the driver until the store has it on disk.
                 self.pool.apply(lease.clone());
@@ -985,13 +999,14 @@ fn encode_routes(subnet: &super::SubnetConfig) -> Vec<u8> {
 }
 
 /// RFC 2131 4.1: relayed -> the relay's server port; ciaddr set -> unicast to it; broadcast
-/// bit -> broadcast; otherwise unicast to yiaddr at the client's hardware address.
-fn client_destination(req: &DhcpPacket, yiaddr: Ipv4Addr) -> Destination {
+/// bit -> broadcast (unless `honour_broadcast` is off, reproducing a server that ignores the
+/// bit, Q11); otherwise unicast to yiaddr at the client's hardware address.
+fn client_destination(req: &DhcpPacket, yiaddr: Ipv4Addr, honour_broadcast: bool) -> Destination {
     if !req.giaddr.is_unspecified() {
         Destination::Unicast(SocketAddrV4::new(req.giaddr, SERVER_PORT))
     } else if !req.ciaddr.is_unspecified() {
         Destination::Unicast(SocketAddrV4::new(req.ciaddr, CLIENT_PORT))
-    } else if req.broadcast_flag() || yiaddr.is_unspecified() {
+    } else if (honour_broadcast && req.broadcast_flag()) || yiaddr.is_unspecified() {
         Destination::Broadcast
     } else {
         match req.mac() {

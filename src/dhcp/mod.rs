@@ -71,6 +71,20 @@ pub struct DhcpConfig {
     /// digits of option 60 (ipxe #1527, firmware that omits 93). Default on; off reproduces a
     /// server that reads only option 93 and treats the client as BIOS.
     pub arch_from_vendor_class: bool,
+    /// Compatibility (Q5): read client architecture 9 as x64 UEFI, like 7. RFC 4578's table
+    /// and its erratum disagree on which of 7 and 9 is x86-64, and firmware sends either
+    /// (crowbar PR #180: an OVMF sent 9). Default on; off reproduces a server that maps only 7
+    /// (as many dnsmasq guides do): a client sending 9 gets the default, BIOS, program.
+    pub arch_9_is_x64: bool,
+    /// Compatibility (Q11, RFC 2131 4.1): full mode broadcasts the OFFER and ACK to a client
+    /// that set the BROADCAST flag. Default on; off reproduces a server or relay that unicasts
+    /// to the new address anyway (pyke369/pdhcp #3), which a client that cannot take unicast
+    /// before it has an address never receives.
+    pub honour_broadcast_flag: bool,
+    /// Compatibility (Q12): answer PXE clients that send no option 97 (client UUID); some
+    /// Intel ROMs omit it (danderson/pixiecore #21). Default on; off reproduces a server that
+    /// requires the UUID and ignores such a client.
+    pub serve_without_uuid: bool,
     /// `[dhcp.limits]`: rate limits against floods (see `limits`).
     pub limits: limits::DhcpLimits,
     /// How often (seconds) to probe for other DHCP servers on the link with a DISCOVER from
@@ -123,6 +137,9 @@ impl Default for DhcpConfig {
             discovery_control: true,
             boot_file: BootFileFields::Auto,
             arch_from_vendor_class: true,
+            arch_9_is_x64: true,
+            honour_broadcast_flag: true,
+            serve_without_uuid: true,
             conflict_probe: ConflictProbe::Off,
             limits: limits::DhcpLimits::default(),
             foreign_probe_secs: DEFAULT_FOREIGN_PROBE_SECS,

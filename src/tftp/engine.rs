@@ -47,6 +47,8 @@ pub struct Limits {
     pub max_retries: u32,
     /// The whole transfer must finish within this.
     pub deadline: Duration,
+    /// Answer the tsize option (RFC 2349); off only to reproduce a server without it.
+    pub tsize: bool,
 }
 
 impl Default for Limits {
@@ -58,6 +60,7 @@ impl Default for Limits {
             timeout: Duration::from_secs(1),
             max_retries: 5,
             deadline: Duration::from_secs(600),
+            tsize: true,
         }
     }
 }
@@ -206,7 +209,7 @@ pub fn negotiate(req: &Request, len: u64, limits: &Limits) -> Negotiated {
         if name == "tsize" {
             // Octet mode only: in netascii the size on the wire is not the file size. An empty
             // file gets no tsize: curl 7.88 rejects `tsize 0` in an OACK as invalid.
-            if req.mode == Mode::Octet && len > 0 {
+            if limits.tsize && req.mode == Mode::Octet && len > 0 {
                 n.tsize = true;
                 n.oack.push((name.clone(), len.to_string()));
             }

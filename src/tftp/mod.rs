@@ -29,6 +29,10 @@ pub struct TftpConfig {
     pub port: u16,
     /// Largest blksize granted; by default the egress MTU minus 32 (firmware-quirks.md Q7).
     pub blksize_max: Option<u16>,
+    /// Compatibility (firmware-quirks.md Q6): answer the tsize option (RFC 2349). EDK2 asks
+    /// for the size first (an RRQ with tsize 0, then ERROR 8) and does not download a file
+    /// whose size it did not get. Default on; off reproduces a server without tsize.
+    pub tsize: bool,
     /// Largest windowsize granted (RFC 7440); tftp-hpa breaks above 64.
     pub windowsize_max: u16,
     /// Largest window in bytes (windowsize x blksize) granted: a window is sent in one burst and
@@ -62,6 +66,7 @@ impl Default for TftpConfig {
             enabled: true,
             port: 69,
             blksize_max: None,
+            tsize: true,
             windowsize_max: 64,
             window_bytes_max: engine::WINDOW_BYTES_DEFAULT,
             case_insensitive: false,

@@ -582,6 +582,7 @@ async fn run_transfer(
         timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
         max_retries: cfg.max_retries,
         deadline: Duration::from_secs(cfg.transfer_deadline_secs.max(1)),
+        tsize: cfg.tsize,
     };
     let (mut transfer, first) = Transfer::start(&req, content.len(), &limits, Instant::now());
     let mut io = TransferIo {

@@ -1,7 +1,8 @@
 //! Firmware quirk profiles with real firmware, both sides: with the profile on the machine's
 //! port, a server setup that does not compensate fails at the stage the profile's source
-//! describes, and pxed's defaults boot through. The default suite runs the three most
-//! important profiles (two VMs at a time); `scripts/test-quirks` runs every profile
+//! describes, and pxed's defaults boot through. The default suite runs four profiles (two VMs
+//! at a time): the three most common DHCP ones and `blksize-over-mtu`, the one TFTP case where
+//! pxed's own defaults are what makes the boot work; `scripts/test-quirks` runs every profile
 //! (`cargo test ... -- --ignored`), and `pxelab quirks --check-all` does the same from the CLI.
 //! Also: `pxelab replay` against pxed, and a boot through an impaired port.
 
@@ -82,9 +83,15 @@ fn quirk_requires_option_60_in_the_reply() {
     both_sides("requires-option-60");
 }
 
+#[test]
+fn quirk_blksize_over_mtu_needs_blocks_that_fit_the_servers_mtu() {
+    require_root!();
+    both_sides("blksize-over-mtu");
+}
+
 /// Every built-in profile (the long run: `scripts/test-quirks`).
 #[test]
-#[ignore = "about 15 minutes of VMs: scripts/test-quirks"]
+#[ignore = "about 25 minutes of VMs: scripts/test-quirks"]
 fn every_quirk_profile_both_sides() {
     require_root!();
     let scratch = tempfile::tempdir().unwrap();

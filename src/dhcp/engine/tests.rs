@@ -912,6 +912,91 @@ fn arch_from_option_60_when_93_is_missing_unless_turned_off() {
     );
 }
 
+#[test]
+fn arch_9_is_x64_unless_turned_off() {
+    let base = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..DhcpConfig::default()
+    };
+    let mut c = Client::edk2();
+    c.arch = Some(9);
+    c.vendor = Some("PXEClient:Arch:00009:UNDI:003000");
+    // Q5: 9 is x64 UEFI as much as 7 is.
+    assert_eq!(reply_with(base.clone(), &c).file, b"snponly.efi");
+    let only_7 = reply_with(
+        DhcpConfig {
+            arch_9_is_x64: false,
+            ..base
+        },
+        &c,
+    );
+    assert_ne!(
+        only_7.file, b"snponly.efi",
+        "9 unknown: the default program"
+    );
+}
+
+#[test]
+fn broadcast_flag_is_honoured_unless_turned_off() {
+    let base = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..DhcpConfig::default()
+    };
+    let mut p = Client::edk2().packet();
+    p.flags = 0x8000;
+    let dest = |config: DhcpConfig| {
+        let mut e = DhcpEngine::new(config, policy(), 8080, Vec::new());
+        send(&mut e, &p, Port::Dhcp).reply.unwrap().dest
+    };
+    // RFC 2131 4.1: the client asked for broadcast.
+    assert_eq!(dest(base.clone()), Destination::Broadcast);
+    let ignoring = dest(DhcpConfig {
+        honour_broadcast_flag: false,
+        ..base
+    });
+    assert!(
+        matches!(ignoring, Destination::UnicastToHardware { .. }),
+        "{ignoring:?}"
+    );
+}
+
+#[test]
+fn pxe_client_without_uuid_is_served_unless_turned_off() {
+    let base = DhcpConfig {
+        mode: DhcpMode::Full,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..DhcpConfig::default()
+    };
+    let mut c = Client::edk2();
+    c.uuid = None;
+    assert_eq!(reply_with(base.clone(), &c).file, b"snponly.efi");
+    let mut strict = DhcpEngine::new(
+        DhcpConfig {
+            serve_without_uuid: false,
+            ..base
+        },
+        policy(),
+        8080,
+        Vec::new(),
+    );
+    let out = send(&mut strict, &c.packet(), Port::Dhcp);
+    assert!(out.reply.is_none());
+    assert_eq!(stages(&out), vec![BootStage::DhcpIgnore]);
+    // With its UUID the same client is answered, and a client that is not PXE never needs one.
+    assert!(
+        send(&mut strict, &Client::edk2().packet(), Port::Dhcp)
+            .reply
+            .is_some()
+    );
+    assert!(
+        send(&mut strict, &Client::plain().packet(), Port::Dhcp)
+            .reply
+            .is_some()
+    );
+}
+
 /// Q12: one boot sends several DHCP conversations; retransmissions and missing UUIDs must not
 /// change the answer, and a client that skips 4011 still gets its boot file on port 67.
 mod repeated_and_partial_clients {

@@ -457,6 +457,17 @@ fn only_requested_and_supported_options_are_acknowledged() {
     );
     assert!(n.oack.is_empty());
     assert_eq!(n.windowsize, 1);
+    // Q6: with tsize turned off (a server without RFC 2349's tsize) only blksize is granted.
+    let no_tsize = Limits {
+        tsize: false,
+        ..limits.clone()
+    };
+    let n = negotiate(
+        &rrq("octet", &[("tsize", "0"), ("blksize", "1468")]),
+        10,
+        &no_tsize,
+    );
+    assert_eq!(n.oack, vec![("blksize".into(), "1400".into())]);
 }
 
 #[test]
