@@ -60,6 +60,9 @@ pub struct HttpState {
     pub boot_states: Arc<dyn BootStateStore>,
     /// Connection caps, shared by the HTTP and HTTPS listeners.
     pub limits: ConnLimits,
+    /// pxed's TFTP server serves the boot root, so scripts for [`ipxe::LOCKSTEP_NICS`] fetch
+    /// the kernel by TFTP (off: they fetch it by HTTP like everyone else).
+    pub tftp_serves_root: bool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -94,6 +97,7 @@ impl HttpState {
             secret: Arc::new(secret),
             boot_states: Arc::new(MemoryBootStates::default()),
             limits,
+            tftp_serves_root: false,
             metrics: Arc::new(Metrics::new()),
             shutdown,
         }
@@ -119,6 +123,13 @@ impl HttpState {
             Some(m) => counters.register(&mut m.registry),
             None => tracing::warn!("DHCP counters registered too late; not in /metrics"),
         }
+        self
+    }
+
+    /// Say whether pxed's TFTP server serves the same boot root (see
+    /// [`HttpState::tftp_serves_root`]).
+    pub fn with_tftp(mut self, serves_root: bool) -> Self {
+        self.tftp_serves_root = serves_root;
         self
     }
 
@@ -534,6 +545,15 @@ async fn script(
     };
     let boot_state = state.boot_states.get(&mac);
     let base = state.server.http_base();
+    // A NIC that stalls on TCP bursts gets its kernel by lock-step TFTP (ipxe::LOCKSTEP_NICS).
+    let lockstep = q
+        .get("busid")
+        .and_then(|b| ipxe::lockstep_nic(b))
+        .filter(|_| state.tftp_serves_root);
+    let transport = match lockstep {
+        Some(_) => ipxe::KernelTransport::Tftp(state.server.ip),
+        None => ipxe::KernelTransport::Http,
+    };
     let rendered = {
         let policy = match state.policy.read() {
             Ok(p) => p,
@@ -564,15 +584,19 @@ async fn script(
                 }
             }
         }
-        finish_script(&state, &policy, plan, &facts, uuid, peer, &base)
+        finish_script(&state, &policy, plan, &facts, uuid, peer, &base, transport)
     };
     match rendered {
         Ok((body, plan)) => {
             let arch_txt = arch.map_or_else(|| "unknown arch".to_string(), |a| a.to_string());
+            let by_tftp = lockstep
+                .filter(|_| matches!(plan.target, BootTarget::Kernel { .. }))
+                .map(|nic| format!("; kernel by TFTP: {nic} stalls on TCP bursts"))
+                .unwrap_or_default();
             state.events.emit(
                 mac,
                 BootStage::HttpScript,
-                format!("profile {} ({}; {arch_txt})", plan.profile, plan.reason),
+                format!("profile {} ({}; {arch_txt}{by_tftp})", plan.profile, plan.reason),
             );
             text_response(StatusCode::OK, body)
         }
@@ -594,6 +618,7 @@ fn finish_script(
     uuid: Option<String>,
     peer: Option<IpAddr>,
     base: &str,
+    transport: ipxe::KernelTransport,
 ) -> Result<(String, BootPlan), String> {
     let token = state
         .secret
@@ -604,7 +629,7 @@ fn finish_script(
         let name = format!("cmdline of profile `{}`", plan.profile);
         *cmdline = templates::render_str(&name, cmdline, &tf).map_err(|e| e.to_string())?;
     }
-    ipxe::try_render_script(&plan, facts, base)
+    ipxe::try_render_script_via(&plan, facts, base, transport)
         .map(|s| (s, plan))
         .map_err(|e| e.to_string())
 }
