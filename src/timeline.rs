@@ -89,6 +89,9 @@ pub enum Milestone {
     TransferEnd(Option<String>),
     /// Something happened that is no milestone (another packet on the wire).
     Activity,
+    /// A step that takes no time of its own but names what a following gap comes after (a
+    /// generated iPXE script: one small response).
+    Instant(String),
     /// The kernel's banner.
     Kernel,
     /// The OS reached userspace (only the first report counts).
@@ -196,6 +199,13 @@ pub fn cut(marks: &[Mark], power_on_ms: Option<u64>) -> Vec<Span> {
                 }
             }
             Milestone::TransferEnd(_) | Milestone::Activity => {}
+            Milestone::Instant(what) => {
+                if let Some((w, s, t)) = wait_until_here(last_ms, &last_what, what) {
+                    push(SpanKind::Wait, w, s, t);
+                }
+                last_ms = Some(at);
+                last_what = what.clone();
+            }
             Milestone::Kernel => {
                 if let Some(last) = last_ms {
                     push(
@@ -257,18 +267,19 @@ pub fn cut(marks: &[Mark], power_on_ms: Option<u64>) -> Vec<Span> {
 /// HTTP servers (their details start with the file), OS stages from phone-home.
 pub fn event_milestone(event: &BootEvent) -> Milestone {
     let detail = event.detail.as_str();
-    // TFTP details are `file=<name> <key>=...`; HTTP details `<path> (<n> bytes...)`.
+    // The servers' details: TFTP `file=<name> peer=...`, HTTP `<path> (<n> bytes)` or
+    // `<path> bytes <a>-<b>/<n>`.
     let tftp_file = || {
         let rest = detail.strip_prefix("file=").unwrap_or(detail);
-        let end = [" peer=", " bytes=", " tsize=", " reason=", " blksize=", " "]
-            .iter()
-            .filter_map(|k| rest.find(k))
-            .min()
-            .unwrap_or(rest.len());
-        format!("TFTP {}", rest.get(..end).unwrap_or(rest))
+        let name = rest.split(" peer=").next().unwrap_or(rest);
+        format!("TFTP {name}")
     };
     let http_path = || {
-        let end = detail.find(" (").or(detail.find(' ')).unwrap_or(detail.len());
+        let end = [" (", " bytes "]
+            .iter()
+            .filter_map(|k| detail.find(k))
+            .min()
+            .unwrap_or(detail.len());
         format!("HTTP {}", detail.get(..end).unwrap_or(detail))
     };
     match event.stage {
@@ -281,19 +292,19 @@ pub fn event_milestone(event: &BootEvent) -> Milestone {
             what: tftp_file(),
             until_next: false,
         },
-        BootStage::TftpComplete | BootStage::TftpProbe => Milestone::TransferEnd(Some(tftp_file())),
-        BootStage::TftpError | BootStage::HttpError => Milestone::TransferEnd(None),
-        BootStage::HttpScript => Milestone::TransferStart {
-            what: "HTTP iPXE script".into(),
-            until_next: true,
-        },
+        // Firmware and iPXE fetch one file at a time: an end ends the open transfer.
+        BootStage::TftpComplete
+        | BootStage::TftpProbe
+        | BootStage::TftpError
+        | BootStage::HttpError
+        | BootStage::HttpComplete => Milestone::TransferEnd(None),
+        BootStage::HttpScript => Milestone::Instant("the iPXE script".into()),
         BootStage::HttpKernel | BootStage::HttpInitrd | BootStage::HttpAsset => {
             Milestone::TransferStart {
                 what: http_path(),
                 until_next: false,
             }
         }
-        BootStage::HttpComplete => Milestone::TransferEnd(Some(http_path())),
         BootStage::OsKernel => Milestone::Kernel,
         BootStage::OsUserspace => Milestone::Userspace,
         BootStage::OsPhoneHome => Milestone::Reported("phone-home".into()),
@@ -389,9 +400,9 @@ mod tests {
             ev(3_010, BootStage::DhcpAck, "10.0.0.5"),
             ev(3_100, BootStage::HttpScript, "profile default"),
             ev(3_150, BootStage::HttpKernel, "/vmlinuz (8247232 bytes)"),
-            ev(5_150, BootStage::HttpComplete, "/vmlinuz (8247232 bytes in 2.000 s)"),
+            ev(5_150, BootStage::HttpComplete, "/vmlinuz (8247232 bytes) sent in 2.000 s"),
             ev(5_200, BootStage::HttpInitrd, "/initrd.gz (1591376 bytes)"),
-            ev(5_600, BootStage::HttpComplete, "/initrd.gz (1591376 bytes in 0.400 s)"),
+            ev(5_600, BootStage::HttpComplete, "/initrd.gz (1591376 bytes) sent in 0.400 s"),
             ev(8_000, BootStage::DhcpDiscover, "not a PXE client, vendor udhcp 1.35.0"),
             ev(8_100, BootStage::DhcpAck, "10.0.0.5"),
             ev(9_000, BootStage::OsUserspace, "from 10.0.0.5"),
@@ -401,24 +412,23 @@ mod tests {
         use SpanKind::*;
         assert_eq!(
             kinds(&spans),
-            [Dhcp, Transfer, Wait, Dhcp, Transfer, Transfer, Transfer, KernelBoot, Dhcp, Userspace],
+            [Dhcp, Transfer, Wait, Dhcp, Transfer, Transfer, KernelBoot, Dhcp, Userspace],
             "{spans:#?}"
         );
         let whats: Vec<&str> = spans.iter().map(|s| s.what.as_str()).collect();
         assert_eq!(whats[1], "TFTP snponly.efi");
         assert_eq!(whats[2], "after TFTP snponly.efi, before DHCP");
-        assert_eq!(whats[4], "HTTP iPXE script");
-        assert_eq!(whats[5], "HTTP /vmlinuz");
-        assert_eq!((spans[5].start_ms, spans[5].end_ms), (3_150, 5_150));
-        assert_eq!(whats[6], "HTTP /initrd.gz");
+        assert_eq!(whats[4], "HTTP /vmlinuz");
+        assert_eq!((spans[4].start_ms, spans[4].end_ms), (3_150, 5_150));
+        assert_eq!(whats[5], "HTTP /initrd.gz");
         assert_eq!(
-            whats[7],
+            whats[6],
             "HTTP /initrd.gz to the OS's own DHCP (kernel start and boot)"
         );
-        assert_eq!(whats[8], "DHCP DISCOVER to ACK");
+        assert_eq!(whats[7], "DHCP DISCOVER to ACK");
         // os.userspace came after the OS's DHCP: already counted.
-        assert_eq!(whats[9], "DHCP ACK to phone-home");
-        assert_eq!((spans[9].start_ms, spans[9].end_ms), (8_100, 9_500));
+        assert_eq!(whats[8], "DHCP ACK to phone-home");
+        assert_eq!((spans[8].start_ms, spans[8].end_ms), (8_100, 9_500));
         for pair in spans.windows(2) {
             assert!(pair[0].end_ms <= pair[1].start_ms, "overlap: {pair:#?}");
         }
@@ -434,13 +444,13 @@ mod tests {
             ev(60_000, BootStage::DhcpDiscover, ""),
             ev(60_200, BootStage::DhcpAck, ""),
             ev(61_000, BootStage::HttpScript, "profile x"),
-            ev(61_100, BootStage::OsCustom, "os.installed: done from 10.0.0.5"),
+            ev(70_000, BootStage::OsCustom, "os.installed: done from 10.0.0.5"),
         ];
         let spans = boot_spans(&events);
         assert_eq!(spans[0].start_ms, 60_000, "{spans:#?}");
         assert_eq!(
             spans.last().map(|s| s.what.as_str()),
-            Some("userspace to os.installed")
+            Some("the iPXE script to os.installed")
         );
     }
 

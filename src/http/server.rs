@@ -764,7 +764,8 @@ async fn asset(
     let serving = served.status == StatusCode::OK || served.status == StatusCode::PARTIAL_CONTENT;
     match mac {
         Some(mac) if method == Method::GET && serving => {
-            state.events.emit(mac, stage, served.detail)
+            state.events.emit(mac, stage, served.detail.clone());
+            return report_completion(resp, state.events.clone(), mac, served);
         }
         Some(mac) if served.status.is_server_error() => {
             state.events.emit(mac, BootStage::HttpError, served.detail)
@@ -772,6 +773,32 @@ async fn asset(
         _ => tracing::debug!(path = %shown, status = %served.status, "asset"),
     }
     resp
+}
+
+/// `resp` with a body that publishes `http.complete` once its last byte has been handed to the
+/// connection (hyper asks for the end of the body only after writing what came before). A
+/// client that goes away early gets no completion: the body is dropped unfinished.
+fn report_completion(
+    resp: Response,
+    events: EventBus,
+    mac: MacAddr,
+    served: assets::Served,
+) -> Response {
+    use futures_util::StreamExt as _;
+    let started = std::time::Instant::now();
+    let (parts, body) = resp.into_parts();
+    let done = futures_util::stream::once(async move {
+        let secs = started.elapsed().as_secs_f64();
+        events.emit(
+            mac,
+            BootStage::HttpComplete,
+            format!("{} sent in {secs:.3} s", served.detail),
+        );
+        None::<Result<axum::body::Bytes, axum::Error>>
+    })
+    .filter_map(std::future::ready);
+    let body = axum::body::Body::from_stream(body.into_data_stream().chain(done));
+    Response::from_parts(parts, body)
 }
 
 #[cfg(test)]
