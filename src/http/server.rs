@@ -775,9 +775,9 @@ async fn asset(
     resp
 }
 
-/// `resp` with a body that publishes `http.complete` once its last byte has been handed to the
-/// connection (hyper asks for the end of the body only after writing what came before). A
-/// client that goes away early gets no completion: the body is dropped unfinished.
+/// `resp` with a body that publishes `http.complete` when its last byte is handed to the
+/// connection. Counted, not taken from the end of the stream: hyper stops polling a body once
+/// it has written `Content-Length` bytes. A client that goes away early gets no completion.
 fn report_completion(
     resp: Response,
     events: EventBus,
@@ -786,19 +786,33 @@ fn report_completion(
 ) -> Response {
     use futures_util::StreamExt as _;
     let started = std::time::Instant::now();
-    let (parts, body) = resp.into_parts();
-    let done = futures_util::stream::once(async move {
+    let complete = move || {
         let secs = started.elapsed().as_secs_f64();
         events.emit(
             mac,
             BootStage::HttpComplete,
             format!("{} sent in {secs:.3} s", served.detail),
         );
-        None::<Result<axum::body::Bytes, axum::Error>>
-    })
-    .filter_map(std::future::ready);
-    let body = axum::body::Body::from_stream(body.into_data_stream().chain(done));
-    Response::from_parts(parts, body)
+    };
+    if served.body_len == 0 {
+        complete();
+        return resp;
+    }
+    let mut left = served.body_len;
+    let mut complete = Some(complete);
+    let (parts, body) = resp.into_parts();
+    let counted = body.into_data_stream().map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            left = left.saturating_sub(bytes.len() as u64);
+            if left == 0
+                && let Some(report) = complete.take()
+            {
+                report();
+            }
+        }
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(counted))
 }
 
 #[cfg(test)]

@@ -1432,10 +1432,25 @@ async fn sanboot_ranges_on_a_multi_gib_image() {
     }
 }
 
+/// Size of the kernel the dashboard test's client fetches: at curl's capped 20 MB/s a few
+/// hundred ms, long enough to be a segment of the timeline bar.
+const DASHBOARD_KERNEL_BYTES: usize = 4 << 20;
+
+/// The URL on the `kernel` line of a script.
+fn kernel_line_url(script: &str) -> String {
+    script
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no kernel line: {script}"))
+        .to_string()
+}
+
 /// The dashboard in Debian's headless Chromium (driven by tests/browser/dashboard.mjs with
 /// playwright-core): the page is open before the machine exists, curl fetches the machine's
-/// script and phones home twice, and each stage must show up in the machine's row over the
-/// event stream, without a reload. Set `PXED_DASHBOARD_PNG=docs/dashboard.png` to refresh the
+/// script and kernel and phones home twice, and each stage must show up in the machine's row
+/// over the event stream, without a reload; then the row's boot timeline bar must show the
+/// named spans pxed cut from those events (the transfer, kernel boot, userspace). Set `PXED_DASHBOARD_PNG=docs/dashboard.png` to refresh the
 /// screenshot in the docs; otherwise it goes to a temp dir and is only checked to be a PNG.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_updates_live_in_headless_chromium() {
@@ -1448,6 +1463,11 @@ async fn dashboard_updates_live_in_headless_chromium() {
     );
     let state_dir = tempfile::tempdir().unwrap();
     let root = install_root();
+    std::fs::write(
+        root.path().join("linux/vmlinuz"),
+        pattern(DASHBOARD_KERNEL_BYTES),
+    )
+    .unwrap();
     let (base, _bus, server) = start_stateful(state_dir.path(), root.path()).await;
     let shot_dir = tempfile::tempdir().unwrap();
     let shot = match std::env::var_os("PXED_DASHBOARD_PNG") {
@@ -1480,6 +1500,12 @@ async fn dashboard_updates_live_in_headless_chromium() {
     .text();
     let phone = kernel_arg(&script, "pxed.phone=");
     expect("SEEN http.script").await;
+    // The client fetches its kernel as iPXE would (curl at a capped rate, so that the transfer
+    // takes long enough to be a segment of its own, whatever the machine's speed).
+    let kernel_url = kernel_line_url(&script);
+    let kernel = curl(&["--limit-rate", "20M", &kernel_url]).await;
+    assert_eq!(kernel.status, 200);
+    assert_eq!(kernel.body.len(), DASHBOARD_KERNEL_BYTES);
     assert_eq!(
         curl(&[&format!("{phone}&stage=os.userspace")]).await.status,
         200
@@ -1491,7 +1517,22 @@ async fn dashboard_updates_live_in_headless_chromium() {
     );
     expect("SEEN os.custom").await;
     let chips = expect("CHIPS").await;
-    assert_eq!(chips, "CHIPS http.script os.userspace os.custom");
+    assert_eq!(
+        chips,
+        "CHIPS http.script http.kernel http.complete os.userspace os.custom"
+    );
+    // The boot timeline bar: pxed's named spans, drawn from its API.
+    let spans = expect("SPANS").await;
+    for want in [
+        "transfer=HTTP /linux/vmlinuz",
+        "kernel-boot=HTTP /linux/vmlinuz to userspace (kernel start and boot)",
+        "userspace=userspace to os.installed",
+    ] {
+        assert!(
+            spans.trim_start_matches("SPANS ").split('|').any(|s| s == want),
+            "no `{want}` in {spans}"
+        );
+    }
     expect("DONE").await;
     assert!(node.wait().await.unwrap().success());
     let png = std::fs::read(&shot).unwrap();
