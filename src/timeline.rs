@@ -400,10 +400,22 @@ mod tests {
             ev(3_010, BootStage::DhcpAck, "10.0.0.5"),
             ev(3_100, BootStage::HttpScript, "profile default"),
             ev(3_150, BootStage::HttpKernel, "/vmlinuz (8247232 bytes)"),
-            ev(5_150, BootStage::HttpComplete, "/vmlinuz (8247232 bytes) sent in 2.000 s"),
+            ev(
+                5_150,
+                BootStage::HttpComplete,
+                "/vmlinuz (8247232 bytes) sent in 2.000 s",
+            ),
             ev(5_200, BootStage::HttpInitrd, "/initrd.gz (1591376 bytes)"),
-            ev(5_600, BootStage::HttpComplete, "/initrd.gz (1591376 bytes) sent in 0.400 s"),
-            ev(8_000, BootStage::DhcpDiscover, "not a PXE client, vendor udhcp 1.35.0"),
+            ev(
+                5_600,
+                BootStage::HttpComplete,
+                "/initrd.gz (1591376 bytes) sent in 0.400 s",
+            ),
+            ev(
+                8_000,
+                BootStage::DhcpDiscover,
+                "not a PXE client, vendor udhcp 1.35.0",
+            ),
             ev(8_100, BootStage::DhcpAck, "10.0.0.5"),
             ev(9_000, BootStage::OsUserspace, "from 10.0.0.5"),
             ev(9_500, BootStage::OsPhoneHome, "from 10.0.0.5"),
@@ -412,7 +424,9 @@ mod tests {
         use SpanKind::*;
         assert_eq!(
             kinds(&spans),
-            [Dhcp, Transfer, Wait, Dhcp, Transfer, Transfer, KernelBoot, Dhcp, Userspace],
+            [
+                Dhcp, Transfer, Wait, Dhcp, Transfer, Transfer, KernelBoot, Dhcp, Userspace
+            ],
             "{spans:#?}"
         );
         let whats: Vec<&str> = spans.iter().map(|s| s.what.as_str()).collect();
@@ -432,7 +446,10 @@ mod tests {
         for pair in spans.windows(2) {
             assert!(pair[0].end_ms <= pair[1].start_ms, "overlap: {pair:#?}");
         }
-        assert_eq!(spans[0].start_ms, 1_000, "no firmware span without power-on");
+        assert_eq!(
+            spans[0].start_ms, 1_000,
+            "no firmware span without power-on"
+        );
     }
 
     #[test]
@@ -444,7 +461,11 @@ mod tests {
             ev(60_000, BootStage::DhcpDiscover, ""),
             ev(60_200, BootStage::DhcpAck, ""),
             ev(61_000, BootStage::HttpScript, "profile x"),
-            ev(70_000, BootStage::OsCustom, "os.installed: done from 10.0.0.5"),
+            ev(
+                70_000,
+                BootStage::OsCustom,
+                "os.installed: done from 10.0.0.5",
+            ),
         ];
         let spans = boot_spans(&events);
         assert_eq!(spans[0].start_ms, 60_000, "{spans:#?}");
@@ -460,7 +481,11 @@ mod tests {
             ev(0, BootStage::DhcpDiscover, ""),
             ev(10, BootStage::DhcpAck, ""),
             ev(20, BootStage::TftpRequest, "file=missing.efi peer=x"),
-            ev(30, BootStage::TftpError, "file=missing.efi peer=x reason=not found"),
+            ev(
+                30,
+                BootStage::TftpError,
+                "file=missing.efi peer=x reason=not found",
+            ),
             ev(900, BootStage::TftpRequest, "file=other peer=x"),
         ];
         let spans = boot_spans(&events);

@@ -40,9 +40,9 @@ fn milestone(e: &TimelineEntry) -> Option<Milestone> {
         _ => match e.stage {
             Some(BootStage::OsKernel) => Some(Milestone::Kernel),
             Some(BootStage::OsUserspace) => Some(Milestone::Userspace),
-            Some(s @ (BootStage::OsPhoneHome | BootStage::OsCustom)) => {
-                Some(Milestone::Reported(s.as_str().trim_start_matches("os.").into()))
-            }
+            Some(s @ (BootStage::OsPhoneHome | BootStage::OsCustom)) => Some(Milestone::Reported(
+                s.as_str().trim_start_matches("os.").into(),
+            )),
             _ => None,
         },
     }

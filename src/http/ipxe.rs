@@ -207,8 +207,8 @@ pub fn try_render_script_via(
             initrd,
             cmdline,
         } => {
-            let kernel_url = kernel_file_url(transport, base, kernel, facts.mac, KIND_KERNEL)
-                .map_err(err)?;
+            let kernel_url =
+                kernel_file_url(transport, base, kernel, facts.mac, KIND_KERNEL).map_err(err)?;
             let mut args: Vec<String> = Vec::new();
             for word in cmdline.split_whitespace() {
                 check_token(word).map_err(|p| err(format!("command line: {p}")))?;
@@ -231,8 +231,8 @@ pub fn try_render_script_via(
             }
             let _ = writeln!(s, "{line} || goto failed");
             for (path, name) in initrd.iter().zip(&names) {
-                let url = kernel_file_url(transport, base, path, facts.mac, KIND_INITRD)
-                    .map_err(err)?;
+                let url =
+                    kernel_file_url(transport, base, path, facts.mac, KIND_INITRD).map_err(err)?;
                 let _ = writeln!(s, "initrd --name {name} {url} || goto failed");
             }
             s.push_str("boot || goto failed\n");
@@ -836,7 +836,9 @@ mod tests {
             "kernel tftp://10.0.0.1/linux/vmlinuz console=ttyS0 quiet || goto failed"
         );
         assert!(
-            s.contains("initrd --name initrd.img tftp://10.0.0.1/linux/initrd.img || goto failed\n"),
+            s.contains(
+                "initrd --name initrd.img tftp://10.0.0.1/linux/initrd.img || goto failed\n"
+            ),
             "{s}"
         );
         // A full URL from the config is still used as given.

@@ -584,7 +584,11 @@ async fn script(
                 }
             }
         }
-        finish_script(&state, &policy, plan, &facts, uuid, peer, &base, transport)
+        let urls = ScriptUrls {
+            base: &base,
+            kernel: transport,
+        };
+        finish_script(&state, &policy, plan, &facts, uuid, peer, urls)
     };
     match rendered {
         Ok((body, plan)) => {
@@ -596,7 +600,10 @@ async fn script(
             state.events.emit(
                 mac,
                 BootStage::HttpScript,
-                format!("profile {} ({}; {arch_txt}{by_tftp})", plan.profile, plan.reason),
+                format!(
+                    "profile {} ({}; {arch_txt}{by_tftp})",
+                    plan.profile, plan.reason
+                ),
             );
             text_response(StatusCode::OK, body)
         }
@@ -609,6 +616,14 @@ async fn script(
     }
 }
 
+/// Where a script's URLs point.
+struct ScriptUrls<'a> {
+    /// pxed's HTTP base.
+    base: &'a str,
+    /// How the kernel and initrds are fetched.
+    kernel: ipxe::KernelTransport,
+}
+
 /// Issue this boot's token, render the command line template and the script.
 fn finish_script(
     state: &HttpState,
@@ -617,8 +632,7 @@ fn finish_script(
     facts: &ClientFacts,
     uuid: Option<String>,
     peer: Option<IpAddr>,
-    base: &str,
-    transport: ipxe::KernelTransport,
+    urls: ScriptUrls<'_>,
 ) -> Result<(String, BootPlan), String> {
     let token = state
         .secret
@@ -629,7 +643,7 @@ fn finish_script(
         let name = format!("cmdline of profile `{}`", plan.profile);
         *cmdline = templates::render_str(&name, cmdline, &tf).map_err(|e| e.to_string())?;
     }
-    ipxe::try_render_script_via(&plan, facts, base, transport)
+    ipxe::try_render_script_via(&plan, facts, urls.base, urls.kernel)
         .map(|s| (s, plan))
         .map_err(|e| e.to_string())
 }

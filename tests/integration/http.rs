@@ -1529,7 +1529,10 @@ async fn dashboard_updates_live_in_headless_chromium() {
         "userspace=userspace to os.installed",
     ] {
         assert!(
-            spans.trim_start_matches("SPANS ").split('|').any(|s| s == want),
+            spans
+                .trim_start_matches("SPANS ")
+                .split('|')
+                .any(|s| s == want),
             "no `{want}` in {spans}"
         );
     }
