@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use pxed::events::EventBus;
+use pxed::events::{BootEvent, EventBus};
 use pxed::http::{HttpConfig, HttpState};
 use pxed::mac::MacAddr;
 use pxed::policy::{PolicyConfig, ServerAddrs};
@@ -399,20 +399,28 @@ async fn ipxe_scripts_for_bios_uefi_and_arm64() {
     assert!(text.starts_with("#!ipxe\n"), "{text}");
     assert!(
         text.contains(&format!(
-            "chain {}/ipxe/script?mac=${{netX/mac:hexhyp}}&uuid=${{uuid}}&buildarch=${{buildarch}}&platform=${{platform}} || goto failed",
+            "chain {}/ipxe/script?mac=${{netX/mac:hexhyp}}&uuid=${{uuid}}&buildarch=${{buildarch}}&platform=${{platform}}&busid=${{netX/busid}} || goto failed",
             s.base
         )),
         "{text}"
     );
 
+    // The first is a PCnet NIC, which would get its kernel by TFTP, but this server runs no
+    // TFTP: it gets HTTP like the others.
     let cases = [
-        ("52-54-00-00-00-01", "pcbios", "i386", false),
-        ("52-54-00-00-00-02", "efi", "x86_64", true),
-        ("52-54-00-00-00-03", "efi", "arm64", true),
+        (
+            "52-54-00-00-00-01",
+            "pcbios",
+            "i386",
+            false,
+            "01:10:22:20:00",
+        ),
+        ("52-54-00-00-00-02", "efi", "x86_64", true, "01:80:86:10:0e"),
+        ("52-54-00-00-00-03", "efi", "arm64", true, ""),
     ];
-    for (mac, platform, buildarch, uefi) in cases {
+    for (mac, platform, buildarch, uefi, busid) in cases {
         let url = format!(
-            "{}/ipxe/script?mac={mac}&uuid=8a3b1c2d-0000-4000-8000-0123456789ab&buildarch={buildarch}&platform={platform}",
+            "{}/ipxe/script?mac={mac}&uuid=8a3b1c2d-0000-4000-8000-0123456789ab&buildarch={buildarch}&platform={platform}&busid={busid}",
             s.base
         );
         let r = curl(&[&url]).await;
@@ -449,7 +457,9 @@ async fn ipxe_scripts_for_bios_uefi_and_arm64() {
             vec![
                 BootStage::HttpScript,
                 BootStage::HttpKernel,
-                BootStage::HttpInitrd
+                BootStage::HttpComplete,
+                BootStage::HttpInitrd,
+                BootStage::HttpComplete
             ],
             "{mac}"
         );
@@ -587,8 +597,7 @@ async fn phone_home_events_sse_metrics_and_token() {
         .lines()
         .find(|l| l.starts_with("data:") && l.contains(marker))
         .unwrap();
-    let ev: pxed::events::BootEvent =
-        serde_json::from_str(data_line.trim_start_matches("data:").trim()).unwrap();
+    let ev: BootEvent = serde_json::from_str(data_line.trim_start_matches("data:").trim()).unwrap();
     assert_eq!(ev.stage, BootStage::OsCustom);
     assert!(text.contains("event: boot"), "{text}");
     drop(sse);
@@ -806,15 +815,21 @@ match = {{ uuid = ["{UUID}"] }}
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let timeline = s.bus.timeline(&m);
-    let stages: Vec<BootStage> = timeline.iter().map(|e| e.stage).take(3).collect();
+    let stages: Vec<BootStage> = timeline.iter().map(|e| e.stage).take(4).collect();
     assert_eq!(
         stages,
         [
             BootStage::HttpScript,
             BootStage::HttpKernel,
+            BootStage::HttpComplete,
             BootStage::HttpInitrd
         ]
     );
+    // Starts are what the rest checks; each transfer's completion follows it.
+    let timeline: Vec<BootEvent> = timeline
+        .into_iter()
+        .filter(|e| e.stage != BootStage::HttpComplete)
+        .collect();
     let script = &timeline[0].detail;
     assert!(script.contains(arch_text), "{script}");
     assert!(
