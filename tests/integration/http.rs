@@ -1447,9 +1447,10 @@ async fn sanboot_ranges_on_a_multi_gib_image() {
     }
 }
 
-/// Size of the kernel the dashboard test's client fetches: at curl's capped 20 MB/s a few
-/// hundred ms, long enough to be a segment of the timeline bar.
-const DASHBOARD_KERNEL_BYTES: usize = 4 << 20;
+/// Size of the kernel the dashboard test's client fetches: larger than the loopback socket
+/// buffers can absorb, so at curl's capped 40 MB/s pxed hands over the last byte a good part
+/// of a second after the first, and the transfer is a segment of the timeline bar.
+const DASHBOARD_KERNEL_BYTES: usize = 32 << 20;
 
 /// The URL on the `kernel` line of a script.
 fn kernel_line_url(script: &str) -> String {
@@ -1518,7 +1519,7 @@ async fn dashboard_updates_live_in_headless_chromium() {
     // The client fetches its kernel as iPXE would (curl at a capped rate, so that the transfer
     // takes long enough to be a segment of its own, whatever the machine's speed).
     let kernel_url = kernel_line_url(&script);
-    let kernel = curl(&["--limit-rate", "20M", &kernel_url]).await;
+    let kernel = curl(&["--limit-rate", "40M", &kernel_url]).await;
     assert_eq!(kernel.status, 200);
     assert_eq!(kernel.body.len(), DASHBOARD_KERNEL_BYTES);
     assert_eq!(
