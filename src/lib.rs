@@ -7,6 +7,8 @@
 //! - [`mac`], [`stage`]: the basic vocabulary. [`stage::BootStage`] is the single list of boot
 //!   stages shared by events, API, dashboard, metrics and the lab.
 //! - [`events`]: the [`events::BootEvent`] stream every component publishes to.
+//! - [`timeline`]: a boot's milestones cut into named spans (waits, transfers, kernel,
+//!   userspace), shared by the API, the dashboard and the lab's `pxelab run` report.
 //! - [`config`]: the TOML file, rejecting unknown keys, checked with line and column.
 //! - [`policy`]: profiles, groups and machines -> a [`policy::BootPlan`]. A pure function.
 //! - [`dhcp`]: hardened wire layer and PXE option codecs, the sans-IO engine (proxy and full),
@@ -33,3 +35,4 @@ pub mod privs;
 pub mod server;
 pub mod stage;
 pub mod tftp;
+pub mod timeline;

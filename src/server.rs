@@ -277,6 +277,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             http_config,
         )
         .with_mac_lookup(mac_lookup.clone())
+        // Script URLs say `tftp://<ip>/`, which means port 69.
+        .with_tftp(cfg.tftp.enabled && cfg.tftp.port == 69)
         .with_dhcp_counters(&dhcp_counters);
         // One-shot state and the token secret survive restarts in the state directory (the
         // default one when a one-shot profile needs it); without either they live in memory.

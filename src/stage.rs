@@ -83,6 +83,9 @@ stages! {
     HttpInitrd = "http.initrd",
     /// Another boot asset was served over HTTP (EFI program, image, template).
     HttpAsset = "http.asset",
+    /// A kernel, initrd or other boot asset was sent in full over HTTP (the last byte handed to
+    /// the connection).
+    HttpComplete = "http.complete",
     /// An HTTP request for a boot asset failed.
     HttpError = "http.error",
     /// The kernel started (serial banner).

@@ -42,6 +42,9 @@ pub enum Tier {
 pub enum BootPath {
     /// iPXE is the NIC's ROM (BIOS or EFI): DHCP as iPXE, then the script over HTTP.
     IpxeRom,
+    /// [`BootPath::IpxeRom`] on a NIC whose iPXE driver stalls on TCP bursts: pxed's script
+    /// fetches the kernel and initrd by lock-step TFTP (`pxed::http::ipxe::LOCKSTEP_NICS`).
+    IpxeRomTftpKernel,
     /// The firmware's own PXE loads snponly.efi/undionly.kpxe by TFTP, which chains.
     FirmwarePxe,
     /// UEFI HTTP Boot: the firmware fetches snponly.efi by HTTP from the URL pxed offers.
@@ -65,6 +68,14 @@ impl BootPath {
                 (OsKernel, 60),
                 (OsUserspace, 70),
                 (OsPhoneHome, 80),
+            ],
+            BootPath::IpxeRomTftpKernel => &[
+                (DhcpAck, 20),
+                (HttpScript, 30),
+                (TftpComplete, 50),
+                (OsKernel, 70),
+                (OsUserspace, 80),
+                (OsPhoneHome, 90),
             ],
             BootPath::FirmwarePxe => &[
                 (DhcpAck, 30),
@@ -297,12 +308,6 @@ const fn bios(name: &'static str, nic: &'static str, tier: Tier, about: &'static
     }
 }
 
-/// What the pcnet and i8255x machines do (QEMU 7.2, ipxe-qemu 1.21 ROMs, TCG): the HTTP
-/// download of the kernel stops after the server's first burst of full-size segments; the
-/// guest stops receiving (it answers neither the retransmissions nor ARP).
-const RX_WEDGE: &str =
-    "the guest NIC stops receiving during the kernel download (iPXE ROM + QEMU model)";
-
 const IPXE_QEMU: &[(&str, &str)] = &[("/usr/lib/ipxe/qemu/efi-e1000.rom", "ipxe-qemu")];
 
 /// The catalogue.
@@ -353,8 +358,13 @@ pub fn catalogue() -> Vec<Entry> {
             "VMware's paravirtual NIC",
         ),
         Entry {
-            known: Some((BootStage::OsKernel, RX_WEDGE)),
-            ..bios("bios-pcnet", "pcnet", Tier::Slow, "AMD PCnet (pcnet32)")
+            path: BootPath::IpxeRomTftpKernel,
+            ..bios(
+                "bios-pcnet",
+                "pcnet",
+                Tier::Slow,
+                "AMD PCnet (pcnet32): its iPXE driver stops receiving after a TCP burst, so pxed sends the kernel by TFTP",
+            )
         },
         bios(
             "bios-ne2k",
@@ -363,12 +373,12 @@ pub fn catalogue() -> Vec<Entry> {
             "NE2000 PCI: programmed I/O, no DMA",
         ),
         Entry {
-            known: Some((BootStage::OsKernel, RX_WEDGE)),
+            path: BootPath::IpxeRomTftpKernel,
             ..bios(
                 "bios-i82559er",
                 "i82559er",
                 Tier::Slow,
-                "Intel i8255x (eepro100/e100)",
+                "Intel i8255x (eepro100/e100): its iPXE driver stops receiving after a TCP burst, so pxed sends the kernel by TFTP",
             )
         },
         Entry {

@@ -18,6 +18,7 @@ use super::server::{HttpState, peer_ip};
 use crate::events::BootEvent;
 use crate::mac::MacAddr;
 use crate::stage::BootStage;
+use crate::timeline::{self, Span};
 
 /// Largest phone-home or event body read: a few form fields, nothing more.
 pub const MAX_API_BODY: usize = 4096;
@@ -198,6 +199,8 @@ struct MachineView {
     last_stage: Option<BootStage>,
     last_at_ms: Option<u64>,
     events: Vec<BootEvent>,
+    /// Where the time of its last boot went, from [`timeline::boot_spans`].
+    timeline: Vec<Span>,
 }
 
 fn view(state: &HttpState, mac: MacAddr) -> MachineView {
@@ -206,11 +209,20 @@ fn view(state: &HttpState, mac: MacAddr) -> MachineView {
         mac,
         last_stage: events.last().map(|e| e.stage),
         last_at_ms: events.last().map(|e| e.at_ms),
+        timeline: timeline::boot_spans(&events),
         events,
     }
 }
 
-/// `GET /api/machines`: every machine seen, first seen first, with its recent timeline.
+/// `GET /api/machines`: every machine seen, first seen first, each as
+/// `{mac, last_stage, last_at_ms, events, timeline}`: `events` are its recent [`BootEvent`]s
+/// (oldest first) and `timeline` is its last boot cut into named spans
+/// `{kind, what, start_ms, end_ms}` (Unix ms): `kind` is `dhcp` (DISCOVER to ACK or to the
+/// proxy offer), `transfer` (a TFTP or HTTP file, `what` names it), `wait` (nothing happened
+/// for at least [`timeline::MIN_WAIT_MS`]; `what` names the steps around it), `kernel-start`,
+/// `kernel-boot` (the last transfer until the OS's own DHCP or its userspace report) or
+/// `userspace` (until a phone-home stage). The boot starts at the firmware's DISCOVER: pxed
+/// does not see power-on.
 pub async fn machines(State(state): State<Arc<HttpState>>) -> Response {
     let all: Vec<MachineView> = state
         .events
@@ -221,7 +233,7 @@ pub async fn machines(State(state): State<Arc<HttpState>>) -> Response {
     Json(all).into_response()
 }
 
-/// `GET /api/machines/{mac}`.
+/// `GET /api/machines/{mac}`: one machine, as in [`machines`].
 pub async fn machine(State(state): State<Arc<HttpState>>, Path(mac): Path<String>) -> Response {
     let Ok(mac) = mac.parse::<MacAddr>() else {
         return error(StatusCode::BAD_REQUEST, "not a MAC address");

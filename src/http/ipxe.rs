@@ -46,6 +46,52 @@ pub(crate) const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// How the kernel and initrds of a `Kernel` target travel to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelTransport {
+    /// HTTP from pxed's boot root: the default, and the fastest for every NIC that keeps up.
+    Http,
+    /// TFTP from the boot root on this server address: one block per acknowledgement, for the
+    /// NICs in [`LOCKSTEP_NICS`].
+    Tftp(std::net::Ipv4Addr),
+}
+
+/// NICs (PCI vendor, device, name) whose iPXE driver stops receiving for good once a burst of
+/// full-size frames outruns its receive ring, so that an HTTP download stalls after the
+/// server's first TCP burst (TCP's initial window of 10 segments is already too much for the
+/// i82559ER; a pacing or buffer limit on the server does not help: measured in the lab, the
+/// guest then stalls a few hundred KiB later). TFTP sends one block and waits for its
+/// acknowledgement, which these drivers always keep up with (dnsmasq's way of booting them).
+/// Seen with the iPXE ROMs QEMU ships (ipxe-qemu 1.21) on QEMU's `pcnet` and `i82559er` models:
+/// the lab's matrix rows `bios-pcnet` and `bios-i82559er`.
+pub const LOCKSTEP_NICS: &[(u16, u16, &str)] = &[
+    (0x1022, 0x2000, "AMD PCnet (pcnet32)"),
+    (0x8086, 0x1209, "Intel i82559ER (eepro100)"),
+];
+
+/// Bytes of a PCI bus id in iPXE's `busid` setting: bus type, vendor (2), device (2).
+const BUSID_LEN: usize = 5;
+/// iPXE's bus type for PCI (`BUS_TYPE_PCI`).
+const BUS_TYPE_PCI: u8 = 1;
+
+/// The NIC named by iPXE's `busid` setting as text (`01:10:22:20:00`) when it is one of
+/// [`LOCKSTEP_NICS`]; `None` for any other NIC, another bus, or text that is not a bus id.
+pub fn lockstep_nic(busid: &str) -> Option<&'static str> {
+    let bytes: Vec<u8> = busid
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).ok())
+        .collect::<Option<_>>()?;
+    let [kind, v0, v1, d0, d1] = <[u8; BUSID_LEN]>::try_from(bytes).ok()?;
+    if kind != BUS_TYPE_PCI {
+        return None;
+    }
+    let (vendor, device) = (u16::from_be_bytes([v0, v1]), u16::from_be_bytes([d0, d1]));
+    LOCKSTEP_NICS
+        .iter()
+        .find(|(v, d, _)| (*v, *d) == (vendor, device))
+        .map(|(_, _, name)| *name)
+}
+
 /// A configured value that cannot be put into an iPXE script safely.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("profile `{profile}`: {problem}")]
@@ -60,8 +106,10 @@ pub struct ScriptError {
 /// its own facts: `${netX/mac:hexhyp}` is the MAC of the interface iPXE last opened (the one it
 /// booted from) as `52-54-00-12-34-56`, `${uuid}` the SMBIOS UUID as `8-4-4-4-12` hex text (empty
 /// when the firmware has none), `${platform}` `pcbios` or `efi`, `${buildarch}` `i386`, `x86_64`,
-/// `arm64`... None of them contain characters that need encoding. (`${uuid:uristring}` would be
-/// wrong: a type suffix re-formats the raw 16 bytes, not the text.)
+/// `arm64`... `${netX/busid}` is the NIC's bus id as hex bytes (`01:10:22:20:00`: bus type 1 = PCI,
+/// vendor, device; the value iPXE also sends as DHCP option 175.177), which picks the kernel's
+/// transport ([`lockstep_nic`]). None of them contain characters that need encoding.
+/// (`${uuid:uristring}` would be wrong: a type suffix re-formats the raw 16 bytes, not the text.)
 pub fn entry_script(base_url: &str) -> String {
     let base = base_url.trim_end_matches('/');
     let mut s = String::new();
@@ -69,7 +117,7 @@ pub fn entry_script(base_url: &str) -> String {
     s.push_str("# pxed entry script: ask pxed for this machine's own script.\n");
     let _ = writeln!(
         s,
-        "chain {base}{SCRIPT_PATH}?mac=${{netX/mac:hexhyp}}&uuid=${{uuid}}&buildarch=${{buildarch}}&platform=${{platform}} || goto failed"
+        "chain {base}{SCRIPT_PATH}?mac=${{netX/mac:hexhyp}}&uuid=${{uuid}}&buildarch=${{buildarch}}&platform=${{platform}}&busid=${{netX/busid}} || goto failed"
     );
     s.push_str("exit 0\n");
     s.push_str(":failed\n");
@@ -117,6 +165,17 @@ pub fn try_render_script(
     facts: &ClientFacts,
     base_url: &str,
 ) -> Result<String, ScriptError> {
+    try_render_script_via(plan, facts, base_url, KernelTransport::Http)
+}
+
+/// [`try_render_script`] with the kernel and initrds of a `Kernel` target fetched by
+/// `transport` (boot-root paths only; full URLs from the config are used as given).
+pub fn try_render_script_via(
+    plan: &BootPlan,
+    facts: &ClientFacts,
+    base_url: &str,
+    transport: KernelTransport,
+) -> Result<String, ScriptError> {
     let base = base_url.trim_end_matches('/');
     let err = |problem: String| ScriptError {
         profile: plan.profile.clone(),
@@ -148,7 +207,8 @@ pub fn try_render_script(
             initrd,
             cmdline,
         } => {
-            let kernel_url = asset_url(base, kernel, facts.mac, KIND_KERNEL).map_err(err)?;
+            let kernel_url =
+                kernel_file_url(transport, base, kernel, facts.mac, KIND_KERNEL).map_err(err)?;
             let mut args: Vec<String> = Vec::new();
             for word in cmdline.split_whitespace() {
                 check_token(word).map_err(|p| err(format!("command line: {p}")))?;
@@ -171,7 +231,8 @@ pub fn try_render_script(
             }
             let _ = writeln!(s, "{line} || goto failed");
             for (path, name) in initrd.iter().zip(&names) {
-                let url = asset_url(base, path, facts.mac, KIND_INITRD).map_err(err)?;
+                let url =
+                    kernel_file_url(transport, base, path, facts.mac, KIND_INITRD).map_err(err)?;
                 let _ = writeln!(s, "initrd --name {name} {url} || goto failed");
             }
             s.push_str("boot || goto failed\n");
@@ -328,6 +389,21 @@ fn asset_url(base: &str, path: &str, mac: MacAddr, kind: &str) -> Result<String,
         root_url(base, path),
         mac.hyphenated()
     ))
+}
+
+/// The URL of a kernel or initrd: [`asset_url`] over HTTP, or `tftp://<server>/<path>` (no
+/// query: the TFTP server reports the transfer itself).
+fn kernel_file_url(
+    transport: KernelTransport,
+    base: &str,
+    path: &str,
+    mac: MacAddr,
+    kind: &str,
+) -> Result<String, String> {
+    match transport {
+        KernelTransport::Http => asset_url(base, path, mac, kind),
+        KernelTransport::Tftp(server) => plain_url(&format!("tftp://{server}"), path),
+    }
 }
 
 /// Like [`asset_url`] without the query: for targets whose server may not accept one.
@@ -728,11 +804,65 @@ mod tests {
     }
 
     #[test]
+    fn lockstep_nics_by_bus_id() {
+        assert_eq!(lockstep_nic("01:10:22:20:00"), Some("AMD PCnet (pcnet32)"));
+        assert_eq!(
+            lockstep_nic("01:80:86:12:09"),
+            Some("Intel i82559ER (eepro100)")
+        );
+        // e1000, virtio-net: HTTP as usual.
+        assert_eq!(lockstep_nic("01:80:86:10:0e"), None);
+        assert_eq!(lockstep_nic("01:1a:f4:10:00"), None);
+        // Not PCI, too short or long, not hex, empty (an iPXE without the setting).
+        assert_eq!(lockstep_nic("02:10:22:20:00"), None);
+        assert_eq!(lockstep_nic("01:10:22:20"), None);
+        assert_eq!(lockstep_nic("01:10:22:20:00:00"), None);
+        assert_eq!(lockstep_nic("01:10:22:20:zz"), None);
+        assert_eq!(lockstep_nic(""), None);
+    }
+
+    #[test]
+    fn tftp_transport_fetches_boot_root_files_by_tftp() {
+        let server = "10.0.0.1".parse().unwrap();
+        let s = try_render_script_via(
+            &plan(linux()),
+            &facts("pcbios", "i386"),
+            BASE,
+            KernelTransport::Tftp(server),
+        )
+        .unwrap();
+        assert_eq!(
+            kernel_line(&s),
+            "kernel tftp://10.0.0.1/linux/vmlinuz console=ttyS0 quiet || goto failed"
+        );
+        assert!(
+            s.contains(
+                "initrd --name initrd.img tftp://10.0.0.1/linux/initrd.img || goto failed\n"
+            ),
+            "{s}"
+        );
+        // A full URL from the config is still used as given.
+        let remote = BootTarget::Kernel {
+            kernel: "http://mirror/vmlinuz".into(),
+            initrd: vec![],
+            cmdline: String::new(),
+        };
+        let s = try_render_script_via(
+            &plan(remote),
+            &facts("pcbios", "i386"),
+            BASE,
+            KernelTransport::Tftp(server),
+        )
+        .unwrap();
+        assert!(s.contains("kernel http://mirror/vmlinuz"), "{s}");
+    }
+
+    #[test]
     fn entry_script_chains_with_ipxe_settings() {
         let s = entry_script("http://10.0.0.1:8080/");
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains(
-            "\nchain http://10.0.0.1:8080/ipxe/script?mac=${netX/mac:hexhyp}&uuid=${uuid}&buildarch=${buildarch}&platform=${platform} || goto failed\n"
+            "\nchain http://10.0.0.1:8080/ipxe/script?mac=${netX/mac:hexhyp}&uuid=${uuid}&buildarch=${buildarch}&platform=${platform}&busid=${netX/busid} || goto failed\n"
         ), "{s}");
     }
 

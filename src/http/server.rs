@@ -60,6 +60,9 @@ pub struct HttpState {
     pub boot_states: Arc<dyn BootStateStore>,
     /// Connection caps, shared by the HTTP and HTTPS listeners.
     pub limits: ConnLimits,
+    /// pxed's TFTP server serves the boot root, so scripts for [`ipxe::LOCKSTEP_NICS`] fetch
+    /// the kernel by TFTP (off: they fetch it by HTTP like everyone else).
+    pub tftp_serves_root: bool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -94,6 +97,7 @@ impl HttpState {
             secret: Arc::new(secret),
             boot_states: Arc::new(MemoryBootStates::default()),
             limits,
+            tftp_serves_root: false,
             metrics: Arc::new(Metrics::new()),
             shutdown,
         }
@@ -119,6 +123,13 @@ impl HttpState {
             Some(m) => counters.register(&mut m.registry),
             None => tracing::warn!("DHCP counters registered too late; not in /metrics"),
         }
+        self
+    }
+
+    /// Say whether pxed's TFTP server serves the same boot root (see
+    /// [`HttpState::tftp_serves_root`]).
+    pub fn with_tftp(mut self, serves_root: bool) -> Self {
+        self.tftp_serves_root = serves_root;
         self
     }
 
@@ -534,6 +545,15 @@ async fn script(
     };
     let boot_state = state.boot_states.get(&mac);
     let base = state.server.http_base();
+    // A NIC that stalls on TCP bursts gets its kernel by lock-step TFTP (ipxe::LOCKSTEP_NICS).
+    let lockstep = q
+        .get("busid")
+        .and_then(|b| ipxe::lockstep_nic(b))
+        .filter(|_| state.tftp_serves_root);
+    let transport = match lockstep {
+        Some(_) => ipxe::KernelTransport::Tftp(state.server.ip),
+        None => ipxe::KernelTransport::Http,
+    };
     let rendered = {
         let policy = match state.policy.read() {
             Ok(p) => p,
@@ -564,15 +584,26 @@ async fn script(
                 }
             }
         }
-        finish_script(&state, &policy, plan, &facts, uuid, peer, &base)
+        let urls = ScriptUrls {
+            base: &base,
+            kernel: transport,
+        };
+        finish_script(&state, &policy, plan, &facts, uuid, peer, urls)
     };
     match rendered {
         Ok((body, plan)) => {
             let arch_txt = arch.map_or_else(|| "unknown arch".to_string(), |a| a.to_string());
+            let by_tftp = lockstep
+                .filter(|_| matches!(plan.target, BootTarget::Kernel { .. }))
+                .map(|nic| format!("; kernel by TFTP: {nic} stalls on TCP bursts"))
+                .unwrap_or_default();
             state.events.emit(
                 mac,
                 BootStage::HttpScript,
-                format!("profile {} ({}; {arch_txt})", plan.profile, plan.reason),
+                format!(
+                    "profile {} ({}; {arch_txt}{by_tftp})",
+                    plan.profile, plan.reason
+                ),
             );
             text_response(StatusCode::OK, body)
         }
@@ -585,6 +616,14 @@ async fn script(
     }
 }
 
+/// Where a script's URLs point.
+struct ScriptUrls<'a> {
+    /// pxed's HTTP base.
+    base: &'a str,
+    /// How the kernel and initrds are fetched.
+    kernel: ipxe::KernelTransport,
+}
+
 /// Issue this boot's token, render the command line template and the script.
 fn finish_script(
     state: &HttpState,
@@ -593,7 +632,7 @@ fn finish_script(
     facts: &ClientFacts,
     uuid: Option<String>,
     peer: Option<IpAddr>,
-    base: &str,
+    urls: ScriptUrls<'_>,
 ) -> Result<(String, BootPlan), String> {
     let token = state
         .secret
@@ -604,7 +643,7 @@ fn finish_script(
         let name = format!("cmdline of profile `{}`", plan.profile);
         *cmdline = templates::render_str(&name, cmdline, &tf).map_err(|e| e.to_string())?;
     }
-    ipxe::try_render_script(&plan, facts, base)
+    ipxe::try_render_script_via(&plan, facts, urls.base, urls.kernel)
         .map(|s| (s, plan))
         .map_err(|e| e.to_string())
 }
@@ -739,7 +778,8 @@ async fn asset(
     let serving = served.status == StatusCode::OK || served.status == StatusCode::PARTIAL_CONTENT;
     match mac {
         Some(mac) if method == Method::GET && serving => {
-            state.events.emit(mac, stage, served.detail)
+            state.events.emit(mac, stage, served.detail.clone());
+            return report_completion(resp, state.events.clone(), mac, served);
         }
         Some(mac) if served.status.is_server_error() => {
             state.events.emit(mac, BootStage::HttpError, served.detail)
@@ -747,6 +787,46 @@ async fn asset(
         _ => tracing::debug!(path = %shown, status = %served.status, "asset"),
     }
     resp
+}
+
+/// `resp` with a body that publishes `http.complete` when its last byte is handed to the
+/// connection. Counted, not taken from the end of the stream: hyper stops polling a body once
+/// it has written `Content-Length` bytes. A client that goes away early gets no completion.
+fn report_completion(
+    resp: Response,
+    events: EventBus,
+    mac: MacAddr,
+    served: assets::Served,
+) -> Response {
+    use futures_util::StreamExt as _;
+    let started = std::time::Instant::now();
+    let complete = move || {
+        let secs = started.elapsed().as_secs_f64();
+        events.emit(
+            mac,
+            BootStage::HttpComplete,
+            format!("{} sent in {secs:.3} s", served.detail),
+        );
+    };
+    if served.body_len == 0 {
+        complete();
+        return resp;
+    }
+    let mut left = served.body_len;
+    let mut complete = Some(complete);
+    let (parts, body) = resp.into_parts();
+    let counted = body.into_data_stream().map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            left = left.saturating_sub(bytes.len() as u64);
+            if left == 0
+                && let Some(report) = complete.take()
+            {
+                report();
+            }
+        }
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(counted))
 }
 
 #[cfg(test)]

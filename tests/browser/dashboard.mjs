@@ -4,6 +4,9 @@
 // Protocol on stdout, one line each, for the Rust test that runs it:
 //   READY            the page is loaded and its event stream is live
 //   SEEN <stage>     the machine's row shows <stage> as its last stage (after an event)
+//   CHIPS <stages>   the event chips of the machine's row
+//   SPANS <k>=<what>|...  the segments of the row's boot timeline bar, once it has one of each
+//                    kind in WANT_KINDS (pxed cuts them; the page only draws them)
 //   DONE             screenshot written
 // The Rust side makes the events (curl) after READY and after each SEEN; this script waits for
 // each stage named in WAIT_FOR below, in order, never reloading the page.
@@ -24,6 +27,8 @@ const WAIT_FOR = [
   ["os.userspace", "from"],
   ["os.custom", "os.installed"],
 ];
+// Span kinds the boot timeline must show once the last event is in.
+const WANT_KINDS = ["transfer", "kernel-boot", "userspace"];
 const STEP_TIMEOUT_MS = 20000;
 
 const profile = mkdtempSync(join(tmpdir(), "pxed-chromium-"));
@@ -65,6 +70,18 @@ try {
   if (navigations !== 1) throw new Error(`page navigated ${navigations} times`);
   const chips = await page.locator("#rows tr", { hasText: mac }).locator(".chip").allTextContents();
   console.log(`CHIPS ${chips.join(" ")}`);
+  const row = page.locator("#rows tr", { hasText: mac });
+  await page.waitForFunction(([mac, kinds]) => {
+    for (const tr of document.querySelectorAll("#rows tr")) {
+      if (tr.querySelector("td")?.textContent !== mac) continue;
+      const have = [...tr.querySelectorAll(".seg")].map(s => s.dataset.kind);
+      return kinds.every(k => have.includes(k));
+    }
+    return false;
+  }, [mac, WANT_KINDS], { timeout: STEP_TIMEOUT_MS });
+  const spans = await row.locator(".seg").evaluateAll(
+    segs => segs.map(s => `${s.dataset.kind}=${s.dataset.what}`));
+  console.log(`SPANS ${spans.join("|")}`);
   await page.screenshot({ path: shot });
   console.log("DONE");
 } catch (e) {

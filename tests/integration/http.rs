@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use pxed::events::EventBus;
+use pxed::events::{BootEvent, EventBus};
 use pxed::http::{HttpConfig, HttpState};
 use pxed::mac::MacAddr;
 use pxed::policy::{PolicyConfig, ServerAddrs};
@@ -399,20 +399,28 @@ async fn ipxe_scripts_for_bios_uefi_and_arm64() {
     assert!(text.starts_with("#!ipxe\n"), "{text}");
     assert!(
         text.contains(&format!(
-            "chain {}/ipxe/script?mac=${{netX/mac:hexhyp}}&uuid=${{uuid}}&buildarch=${{buildarch}}&platform=${{platform}} || goto failed",
+            "chain {}/ipxe/script?mac=${{netX/mac:hexhyp}}&uuid=${{uuid}}&buildarch=${{buildarch}}&platform=${{platform}}&busid=${{netX/busid}} || goto failed",
             s.base
         )),
         "{text}"
     );
 
+    // The first is a PCnet NIC, which would get its kernel by TFTP, but this server runs no
+    // TFTP: it gets HTTP like the others.
     let cases = [
-        ("52-54-00-00-00-01", "pcbios", "i386", false),
-        ("52-54-00-00-00-02", "efi", "x86_64", true),
-        ("52-54-00-00-00-03", "efi", "arm64", true),
+        (
+            "52-54-00-00-00-01",
+            "pcbios",
+            "i386",
+            false,
+            "01:10:22:20:00",
+        ),
+        ("52-54-00-00-00-02", "efi", "x86_64", true, "01:80:86:10:0e"),
+        ("52-54-00-00-00-03", "efi", "arm64", true, ""),
     ];
-    for (mac, platform, buildarch, uefi) in cases {
+    for (mac, platform, buildarch, uefi, busid) in cases {
         let url = format!(
-            "{}/ipxe/script?mac={mac}&uuid=8a3b1c2d-0000-4000-8000-0123456789ab&buildarch={buildarch}&platform={platform}",
+            "{}/ipxe/script?mac={mac}&uuid=8a3b1c2d-0000-4000-8000-0123456789ab&buildarch={buildarch}&platform={platform}&busid={busid}",
             s.base
         );
         let r = curl(&[&url]).await;
@@ -449,7 +457,9 @@ async fn ipxe_scripts_for_bios_uefi_and_arm64() {
             vec![
                 BootStage::HttpScript,
                 BootStage::HttpKernel,
-                BootStage::HttpInitrd
+                BootStage::HttpComplete,
+                BootStage::HttpInitrd,
+                BootStage::HttpComplete
             ],
             "{mac}"
         );
@@ -587,8 +597,7 @@ async fn phone_home_events_sse_metrics_and_token() {
         .lines()
         .find(|l| l.starts_with("data:") && l.contains(marker))
         .unwrap();
-    let ev: pxed::events::BootEvent =
-        serde_json::from_str(data_line.trim_start_matches("data:").trim()).unwrap();
+    let ev: BootEvent = serde_json::from_str(data_line.trim_start_matches("data:").trim()).unwrap();
     assert_eq!(ev.stage, BootStage::OsCustom);
     assert!(text.contains("event: boot"), "{text}");
     drop(sse);
@@ -806,15 +815,21 @@ match = {{ uuid = ["{UUID}"] }}
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let timeline = s.bus.timeline(&m);
-    let stages: Vec<BootStage> = timeline.iter().map(|e| e.stage).take(3).collect();
+    let stages: Vec<BootStage> = timeline.iter().map(|e| e.stage).take(4).collect();
     assert_eq!(
         stages,
         [
             BootStage::HttpScript,
             BootStage::HttpKernel,
+            BootStage::HttpComplete,
             BootStage::HttpInitrd
         ]
     );
+    // Starts are what the rest checks; each transfer's completion follows it.
+    let timeline: Vec<BootEvent> = timeline
+        .into_iter()
+        .filter(|e| e.stage != BootStage::HttpComplete)
+        .collect();
     let script = &timeline[0].detail;
     assert!(script.contains(arch_text), "{script}");
     assert!(
@@ -1432,10 +1447,26 @@ async fn sanboot_ranges_on_a_multi_gib_image() {
     }
 }
 
+/// Size of the kernel the dashboard test's client fetches: larger than the loopback socket
+/// buffers can absorb, so at curl's capped 40 MB/s pxed hands over the last byte a good part
+/// of a second after the first, and the transfer is a segment of the timeline bar.
+const DASHBOARD_KERNEL_BYTES: usize = 32 << 20;
+
+/// The URL on the `kernel` line of a script.
+fn kernel_line_url(script: &str) -> String {
+    script
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no kernel line: {script}"))
+        .to_string()
+}
+
 /// The dashboard in Debian's headless Chromium (driven by tests/browser/dashboard.mjs with
 /// playwright-core): the page is open before the machine exists, curl fetches the machine's
-/// script and phones home twice, and each stage must show up in the machine's row over the
-/// event stream, without a reload. Set `PXED_DASHBOARD_PNG=docs/dashboard.png` to refresh the
+/// script and kernel and phones home twice, and each stage must show up in the machine's row
+/// over the event stream, without a reload; then the row's boot timeline bar must show the
+/// named spans pxed cut from those events (the transfer, kernel boot, userspace). Set `PXED_DASHBOARD_PNG=docs/dashboard.png` to refresh the
 /// screenshot in the docs; otherwise it goes to a temp dir and is only checked to be a PNG.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_updates_live_in_headless_chromium() {
@@ -1448,6 +1479,11 @@ async fn dashboard_updates_live_in_headless_chromium() {
     );
     let state_dir = tempfile::tempdir().unwrap();
     let root = install_root();
+    std::fs::write(
+        root.path().join("linux/vmlinuz"),
+        pattern(DASHBOARD_KERNEL_BYTES),
+    )
+    .unwrap();
     let (base, _bus, server) = start_stateful(state_dir.path(), root.path()).await;
     let shot_dir = tempfile::tempdir().unwrap();
     let shot = match std::env::var_os("PXED_DASHBOARD_PNG") {
@@ -1480,6 +1516,12 @@ async fn dashboard_updates_live_in_headless_chromium() {
     .text();
     let phone = kernel_arg(&script, "pxed.phone=");
     expect("SEEN http.script").await;
+    // The client fetches its kernel as iPXE would (curl at a capped rate, so that the transfer
+    // takes long enough to be a segment of its own, whatever the machine's speed).
+    let kernel_url = kernel_line_url(&script);
+    let kernel = curl(&["--limit-rate", "40M", &kernel_url]).await;
+    assert_eq!(kernel.status, 200);
+    assert_eq!(kernel.body.len(), DASHBOARD_KERNEL_BYTES);
     assert_eq!(
         curl(&[&format!("{phone}&stage=os.userspace")]).await.status,
         200
@@ -1491,7 +1533,25 @@ async fn dashboard_updates_live_in_headless_chromium() {
     );
     expect("SEEN os.custom").await;
     let chips = expect("CHIPS").await;
-    assert_eq!(chips, "CHIPS http.script os.userspace os.custom");
+    assert_eq!(
+        chips,
+        "CHIPS http.script http.kernel http.complete os.userspace os.custom"
+    );
+    // The boot timeline bar: pxed's named spans, drawn from its API.
+    let spans = expect("SPANS").await;
+    for want in [
+        "transfer=HTTP /linux/vmlinuz",
+        "kernel-boot=HTTP /linux/vmlinuz to userspace (kernel start and boot)",
+        "userspace=userspace to os.installed",
+    ] {
+        assert!(
+            spans
+                .trim_start_matches("SPANS ")
+                .split('|')
+                .any(|s| s == want),
+            "no `{want}` in {spans}"
+        );
+    }
     expect("DONE").await;
     assert!(node.wait().await.unwrap().success());
     let png = std::fs::read(&shot).unwrap();
