@@ -439,6 +439,7 @@ mod tests {
             },
             labels: vec![],
             hostname: None,
+            tftp_root: None,
         }
     }
 
