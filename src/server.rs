@@ -17,7 +17,7 @@ use crate::http::server::{HttpState, MacLookup};
 use crate::leases::hook::LeaseHook;
 use crate::leases::{LEASE_DB, LeaseStore, SqliteStore};
 use crate::net;
-use crate::policy::{IpxeBinaries, PolicyConfig, ProfileConfig, ServerAddrs};
+use crate::policy::{ClientFacts, IpxeBinaries, PolicyConfig, ProfileConfig, ServerAddrs, plan};
 use crate::tftp;
 use tokio_util::sync::CancellationToken;
 
@@ -237,6 +237,27 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     if cfg.tftp.enabled {
         let files = tftp::server::root_source(&cfg.tftp, cfg.server.root.clone())
             .with_context(|| format!("boot root {}", cfg.server.root.display()))?;
+        // Profiles with their own `tftp_root`: the client's plan (by its MAC) picks the root.
+        let files: Arc<dyn tftp::fs::FileSource> = if policy.tftp_roots().next().is_some() {
+            let plan_policy = policy.clone();
+            let plan_mac = mac_lookup.clone();
+            let addrs = ServerAddrs {
+                ip: server_ip,
+                http_port: cfg.http.port,
+            };
+            let plan_of: tftp::roots::PlanLookup = Arc::new(move |ip: IpAddr| {
+                let facts = ClientFacts {
+                    mac: plan_mac(ip)?,
+                    ..ClientFacts::default()
+                };
+                Some(plan(&plan_policy, &facts, &addrs))
+            });
+            Arc::new(tftp::roots::ProfileRoots::new(
+                files, &policy, &cfg.tftp, plan_of,
+            )?)
+        } else {
+            files
+        };
         // Real files first, then pxelinux/GRUB configs and boot.ipxe rendered from the policy.
         let files = Arc::new(tftp::virtual_files::PolicyFiles::new(
             files,

@@ -515,6 +515,7 @@ mod tests {
             },
             labels: vec![],
             hostname: None,
+            tftp_root: None,
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -112,6 +113,9 @@ pub struct ProfileConfig {
     /// One-shot: boot this profile until the booted OS reports this stage (e.g.
     /// `os.installed`), then boot locally. Remembered in `[server] state_dir`.
     pub one_shot: Option<String>,
+    /// TFTP serves this profile's clients from this directory instead of `[server] root`
+    /// (same confinement rules); the boot plan carries it to the TFTP server.
+    pub tftp_root: Option<PathBuf>,
 }
 
 /// `menu = [{ label = "...", profile = "..." }]`.
@@ -447,6 +451,7 @@ impl PolicyConfig {
         let mut names = HashSet::new();
         let mut profiles = Vec::new();
         let mut one_shot = Vec::new();
+        let mut tftp_roots = Vec::new();
         for p in self.profiles {
             if !names.insert(p.name.clone()) {
                 errors.push(PolicyError::DuplicateProfile(p.name));
@@ -468,6 +473,18 @@ impl PolicyConfig {
                             "one_shot `{stage}` is not a stage name (1-{MAX_STAGE_NAME} of [A-Za-z0-9._-])"
                         ),
                     });
+                }
+            }
+            if let Some(root) = &p.tftp_root {
+                if root.as_os_str().is_empty() {
+                    errors.push(PolicyError::BadProfile {
+                        name: name.clone(),
+                        problem: "tftp_root is empty: give a directory, or leave it out to use \
+                                  `[server] root`"
+                            .into(),
+                    });
+                } else {
+                    tftp_roots.push((name.clone(), root.clone()));
                 }
             }
             match p.into_target() {
@@ -551,6 +568,7 @@ impl PolicyConfig {
             machines: self.machines,
             ipxe: self.ipxe,
             one_shot,
+            tftp_roots,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod arch;
 mod config;
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 pub use arch::{ClientArch, Cpu, Firmware};
 pub use config::{
@@ -199,6 +200,8 @@ pub struct BootPlan {
     pub labels: Vec<String>,
     /// Hostname from the machine entry, if any.
     pub hostname: Option<String>,
+    /// The profile's own TFTP root (`tftp_root`); `None`: the server's root.
+    pub tftp_root: Option<PathBuf>,
 }
 
 /// The validated policy, built once from the config (see [`PolicyConfig::validate`]).
@@ -210,6 +213,8 @@ pub struct Policy {
     pub(crate) ipxe: IpxeBinaries,
     /// Profile name to the stage that completes it (`one_shot`).
     pub(crate) one_shot: Vec<(String, String)>,
+    /// Profile name to its own TFTP root (`tftp_root`).
+    pub(crate) tftp_roots: Vec<(String, PathBuf)>,
 }
 
 impl Policy {
@@ -232,6 +237,21 @@ impl Policy {
             .iter()
             .find(|(n, _)| n == profile)
             .map(|(_, s)| s.as_str())
+    }
+
+    /// The TFTP root of a profile, if it names its own.
+    pub fn tftp_root(&self, profile: &str) -> Option<&Path> {
+        self.tftp_roots
+            .iter()
+            .find(|(n, _)| n == profile)
+            .map(|(_, r)| r.as_path())
+    }
+
+    /// Every profile's own TFTP root (the server opens each once at start).
+    pub fn tftp_roots(&self) -> impl Iterator<Item = (&str, &Path)> {
+        self.tftp_roots
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.as_path()))
     }
 
     /// Some one-shot profile is completed by `stage`: worth remembering when reported.
@@ -299,7 +319,12 @@ pub fn plan_with_state(
         },
     };
     let dhcp = dhcp_boot(policy, facts, server, &target);
+    let tftp_root = profile
+        .as_deref()
+        .and_then(|p| policy.tftp_root(p))
+        .map(Path::to_path_buf);
     BootPlan {
+        tftp_root,
         profile: profile.unwrap_or_else(|| "-".into()),
         reason,
         target,

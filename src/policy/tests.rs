@@ -335,3 +335,43 @@ fn one_shot_stage_must_be_a_stage_name() {
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("one_shot `a b`"), "{err}");
 }
+
+#[test]
+fn the_plan_carries_the_profiles_tftp_root() {
+    let p = policy(
+        r#"
+[[profile]]
+name = "default"
+nbp = "pxelinux.0"
+
+[[profile]]
+name = "vendor"
+nbp = "pxelinux.0"
+tftp_root = "/srv/vendor"
+
+[[machine]]
+mac = "52:54:00:00:00:01"
+profile = "vendor"
+"#,
+    );
+    let vendor = plan(&p, &facts("52:54:00:00:00:01", None, false), &SERVER);
+    assert_eq!(vendor.profile, "vendor");
+    assert_eq!(
+        vendor.tftp_root.as_deref(),
+        Some(std::path::Path::new("/srv/vendor"))
+    );
+    let other = plan(&p, &facts("52:54:00:00:00:02", None, false), &SERVER);
+    assert_eq!(other.profile, "default");
+    assert_eq!(other.tftp_root, None);
+}
+
+#[test]
+fn an_empty_tftp_root_is_refused_with_the_profile_name() {
+    let cfg: PolicyConfig =
+        toml::from_str("[[profile]]\nname = \"p\"\nlocal = true\ntftp_root = \"\"\n").unwrap();
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("profile `p`") && err.contains("tftp_root"),
+        "{err}"
+    );
+}

@@ -4,9 +4,10 @@
 //! - [`engine`]: one read transfer as a pure state machine (virtual time in tests).
 //! - [`fs`]: where files come from: [`fs::FileSource`], the confined [`fs::RootSource`] and the
 //!   shared read cache.
+//! - [`roots`]: per-profile TFTP roots chosen by the client's boot plan.
 //! - [`virtual_files`]: pxelinux/GRUB configs and the iPXE entry script rendered from the boot
 //!   policy for each client ([`virtual_files::PolicyFiles`]).
-//! - [`server`]: sockets, one task per transfer, limits, events. [`server::serve`] is the entry.
+//! - [`server`]: sockets, one thread per transfer, limits, events. [`server::serve`] is the entry.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,7 @@ use serde::Deserialize;
 pub mod client;
 pub mod engine;
 pub mod fs;
+pub mod roots;
 pub mod server;
 pub mod virtual_files;
 pub mod wire;

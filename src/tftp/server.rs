@@ -1,5 +1,6 @@
-//! The TFTP socket driver: one listener, one task and one ephemeral socket per transfer
-//! (RFC 1350 section 4: the server's transfer ID is a new port).
+//! The TFTP socket driver: one listener (a tokio task), and per transfer an ephemeral socket
+//! (RFC 1350 section 4: the server's transfer ID is a new port) driven by its own OS thread
+//! that blocks in `recvfrom` between ACKs (see [`start_transfer`] for why).
 //!
 //! Entry points: [`serve`] (runs until the process ends) or [`TftpServer::bind`] then
 //! [`TftpServer::run`] with a shutdown token (tests bind port 0 and read [`TftpServer::local_addr`]).
@@ -13,6 +14,7 @@ use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, size_of_val};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +55,11 @@ const READ_AHEAD_BYTES: u64 = 256 << 10;
 /// its RRQs at once, and the default ~208 KiB holds only ~170 of them; every one dropped costs
 /// its client a retransmission timeout. 4 MiB holds several thousand.
 const LISTENER_RCVBUF_BYTES: usize = 4 << 20;
+/// Stack of a transfer thread: its loop keeps a 1 KiB receive buffer and calls the engine and
+/// the event bus, far below this; thousands of transfers must not each reserve the default 2 MiB.
+const TRANSFER_STACK_BYTES: usize = 256 << 10;
+/// Longest sleep of a transfer thread before it looks at the shutdown token again.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// Netascii translates the whole file in memory; text files beyond this are refused.
 const NETASCII_MAX_BYTES: u64 = 16 << 20;
 
@@ -224,12 +231,9 @@ impl TftpServer {
                     };
                     let shared = self.shared.clone();
                     let stop = shutdown.child_token();
-                    let ifindex = rx.ifindex;
-                    tokio::spawn(async move {
-                        let heard = slot.heard.clone();
-                        run_transfer(shared, req, rx.from, local, ifindex, heard, stop).await;
-                        drop(slot);
-                    });
+                    tokio::spawn(start_transfer(
+                        shared, req, rx.from, local, rx.ifindex, slot, stop,
+                    ));
                 }
             }
         }
@@ -438,14 +442,14 @@ fn blksize_cap(config: &TftpConfig, ifindex: Option<u32>) -> u16 {
 }
 
 /// Publishes one transfer's events with its MAC and file name.
-struct Reporter<'a> {
-    events: &'a EventBus,
+struct Reporter {
+    events: EventBus,
     mac: MacAddr,
     file: String,
     peer: SocketAddr,
 }
 
-impl Reporter<'_> {
+impl Reporter {
     fn emit(&self, stage: BootStage, detail: String) {
         self.events.emit(self.mac, stage, detail);
     }
@@ -520,18 +524,33 @@ async fn open_content(
     Ok(Content::Memory(Bytes::from(engine::to_netascii(&raw))))
 }
 
-async fn run_transfer(
+/// Everything a transfer's data thread needs, moved into it.
+struct TransferJob {
+    sock: std::net::UdpSocket,
+    peer: SocketAddr,
+    req: Request,
+    content: Content,
+    limits: Limits,
+    report: Reporter,
+    stop: CancellationToken,
+    /// Freed (with the transfer's place in the limits) when the thread ends.
+    slot: Slot,
+}
+
+/// The asynchronous part of a transfer: announce it, open the file (through the read cache),
+/// then hand the data exchange to its own thread.
+async fn start_transfer(
     shared: Arc<Shared>,
     req: Request,
     peer: SocketAddr,
     local: IpAddr,
     ifindex: Option<u32>,
-    heard: Arc<AtomicBool>,
+    slot: Slot,
     stop: CancellationToken,
 ) {
     let mac = (shared.mac_lookup)(peer.ip()).unwrap_or_default();
     let report = Reporter {
-        events: &shared.events,
+        events: shared.events.clone(),
         mac,
         file: req.filename.clone(),
         peer,
@@ -553,7 +572,7 @@ async fn run_transfer(
     );
     // RFC 1350 section 4: the reply comes from a fresh port (our transfer ID), on the address
     // the client talked to.
-    let sock = match UdpSocket::bind(SocketAddr::new(local, 0)).await {
+    let sock = match std::net::UdpSocket::bind(SocketAddr::new(local, 0)) {
         Ok(s) => s,
         Err(err) => {
             report.error(&format!("cannot open a transfer socket on {local}: {err}"));
@@ -567,9 +586,7 @@ async fn run_transfer(
                 TftpFileError::Io(_) => "cannot read file".to_string(),
                 other => other.to_string(),
             };
-            let _ = sock
-                .send_to(&wire::encode_error(err.code(), &msg), peer)
-                .await;
+            let _ = sock.send_to(&wire::encode_error(err.code(), &msg), peer);
             report.error(&err.to_string());
             return;
         }
@@ -584,65 +601,115 @@ async fn run_transfer(
         deadline: Duration::from_secs(cfg.transfer_deadline_secs.max(1)),
         tsize: cfg.tsize,
     };
+    let job = TransferJob {
+        sock,
+        peer,
+        req,
+        content,
+        limits,
+        report,
+        stop,
+        slot,
+    };
+    // Lock-step speed is one round trip per block: a thread that sleeps in `recvfrom` wakes
+    // straight into the next send, where a task pays for epoll, a wake-up and the scheduler on
+    // every ACK (3x slower at blksize 8192 on loopback, BENCHMARKS.md "TFTP"). The number of
+    // threads is bounded by the transfer limits the slot holds.
+    let spawned = std::thread::Builder::new()
+        .name("tftp-transfer".into())
+        .stack_size(TRANSFER_STACK_BYTES)
+        .spawn(move || run_transfer(job));
+    if let Err(err) = spawned {
+        // The job (socket, slot) was dropped with the closure; the client retries its RRQ.
+        tracing::warn!(%peer, %err, "cannot start a TFTP transfer thread");
+    }
+}
+
+/// One transfer's data exchange, on its own thread: blocking receive with a timeout taken from
+/// the engine's next deadline, pread for large files, the engine deciding everything.
+fn run_transfer(job: TransferJob) {
+    let TransferJob {
+        sock,
+        peer,
+        req,
+        content,
+        limits,
+        report,
+        stop,
+        slot,
+    } = job;
     let (mut transfer, first) = Transfer::start(&req, content.len(), &limits, Instant::now());
     let mut io = TransferIo {
         sock: &sock,
         peer,
         content: &content,
         packet: Vec::new(),
-        ahead: None,
+        ahead: Vec::new(),
+        ahead_at: 0,
     };
-    if let Err(err) = io.apply(first, &report).await {
+    if let Err(err) = io.apply(first, &report) {
         report.error(&format!("send failed: {err}"));
         return;
     }
-    let mut buf = vec![0u8; TRANSFER_RECV_BYTES];
+    let mut buf = [0u8; TRANSFER_RECV_BYTES];
     let mut strangers: Vec<SocketAddr> = Vec::new();
-    // One timer and one cancellation future for the whole transfer, re-armed only when the
-    // deadline moves: creating them per packet showed in profiles of 1000 parallel transfers.
-    let cancelled = stop.cancelled();
-    tokio::pin!(cancelled);
-    let timer = tokio::time::sleep(limits.deadline);
-    tokio::pin!(timer);
+    let mut wait_set: Option<Duration> = None;
     while !transfer.is_done() {
-        let deadline = transfer
-            .next_deadline()
-            .map(tokio::time::Instant::from_std)
-            .unwrap_or_else(|| tokio::time::Instant::now() + limits.deadline);
-        if timer.deadline() != deadline || timer.is_elapsed() {
-            timer.as_mut().reset(deadline);
+        if stop.is_cancelled() {
+            let pkt = wire::encode_error(ErrorCode::Undefined, "server shutting down");
+            let _ = sock.send_to(&pkt, peer);
+            report.error("server shutting down");
+            return;
         }
-        let outs = tokio::select! {
-            _ = &mut cancelled => {
-                let _ = sock.send_to(&wire::encode_error(ErrorCode::Undefined, "server shutting down"), peer).await;
-                report.error("server shutting down");
+        // Sleep until the engine's deadline, but at most CANCEL_POLL so a shutdown is seen.
+        // Whole milliseconds, so the socket option changes only when the wait really does
+        // (in steady lock-step the deadline is a full timeout away: always CANCEL_POLL).
+        let now = Instant::now();
+        let until = transfer
+            .next_deadline()
+            .map_or(CANCEL_POLL, |d| d.saturating_duration_since(now));
+        let wait = Duration::from_millis(
+            u64::try_from(until.as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(1),
+        )
+        .min(CANCEL_POLL);
+        if wait_set != Some(wait) {
+            if let Err(err) = sock.set_read_timeout(Some(wait)) {
+                report.error(&format!("cannot set the receive timeout: {err}"));
                 return;
             }
-            _ = &mut timer => transfer.on_timer(Instant::now()),
-            r = sock.recv_from(&mut buf) => match r {
-                Ok((n, from)) if from == peer => match buf.get(..n) {
-                    Some(bytes) => {
-                        heard.store(true, Ordering::Relaxed);
-                        transfer.on_packet(bytes, Instant::now())
-                    }
-                    None => continue,
-                },
-                Ok((_, from)) => {
-                    // RFC 1350 section 4: a packet from an unknown TID gets ERROR 5 and the
-                    // transfer goes on; each stranger is answered once.
-                    if !strangers.contains(&from) && strangers.len() < STRANGERS_ANSWERED {
-                        strangers.push(from);
-                        let pkt = wire::encode_error(ErrorCode::UnknownTid, "unknown transfer ID");
-                        let _ = sock.send_to(&pkt, from).await;
-                    }
-                    continue;
+            wait_set = Some(wait);
+        }
+        let mut outs = match sock.recv_from(&mut buf) {
+            Ok((n, from)) if from == peer => match buf.get(..n) {
+                Some(bytes) => {
+                    slot.heard.store(true, Ordering::Relaxed);
+                    transfer.on_packet(bytes, Instant::now())
                 }
-                // ICMP port unreachable from an earlier send: the client is gone; the timer
-                // ends the transfer.
-                Err(_) => continue,
+                None => Vec::new(),
             },
+            Ok((_, from)) => {
+                // RFC 1350 section 4: a packet from an unknown TID gets ERROR 5 and the
+                // transfer goes on; each stranger is answered once.
+                if !strangers.contains(&from) && strangers.len() < STRANGERS_ANSWERED {
+                    strangers.push(from);
+                    let pkt = wire::encode_error(ErrorCode::UnknownTid, "unknown transfer ID");
+                    let _ = sock.send_to(&pkt, from);
+                }
+                Vec::new()
+            }
+            // A timeout (WouldBlock/TimedOut), an interrupted call, or an ICMP error from an
+            // earlier send (the client is gone): the engine's timer decides what happens.
+            Err(_) => Vec::new(),
         };
-        if let Err(err) = io.apply(outs, &report).await {
+        // The timer is checked after every receive, not only on timeouts: a peer (or a
+        // stranger) sending a steady stream of junk must not keep it from firing.
+        let now = Instant::now();
+        if transfer.next_deadline().is_some_and(|d| now >= d) {
+            outs.extend(transfer.on_timer(now));
+        }
+        if let Err(err) = io.apply(outs, &report) {
             report.error(&format!("send failed: {err}"));
             return;
         }
@@ -650,18 +717,19 @@ async fn run_transfer(
 }
 
 struct TransferIo<'a> {
-    sock: &'a UdpSocket,
+    sock: &'a std::net::UdpSocket,
     peer: SocketAddr,
     content: &'a Content,
     packet: Vec<u8>,
-    /// Read-ahead of a large file: (offset, bytes).
-    ahead: Option<(u64, Bytes)>,
+    /// Read-ahead of a large file: `ahead` holds the bytes from offset `ahead_at`.
+    ahead: Vec<u8>,
+    ahead_at: u64,
 }
 
 impl TransferIo<'_> {
     /// Send the engine's datagrams (reading a window of a large file in one go) and report
     /// its events.
-    async fn apply(&mut self, outs: Vec<Output>, report: &Reporter<'_>) -> io::Result<()> {
+    fn apply(&mut self, outs: Vec<Output>, report: &Reporter) -> io::Result<()> {
         // A large file: make sure the span of this batch's DATA blocks is in the read-ahead
         // buffer, refilling it with one pread of at least READ_AHEAD_BYTES.
         if let Content::Disk(file, file_len) = self.content {
@@ -674,41 +742,34 @@ impl TransferIo<'_> {
                     _ => None,
                 })
                 .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
-            let covered = |ahead: &Option<(u64, Bytes)>, start: u64, end: u64| {
-                ahead
-                    .as_ref()
-                    .is_some_and(|(at, b)| *at <= start && end <= *at + b.len() as u64)
-            };
             if let Some((start, end)) = span
-                && !covered(&self.ahead, start, end)
+                && !(self.ahead_at <= start && end <= self.ahead_at + self.ahead.len() as u64)
             {
-                let file = file.clone();
                 let stop = end.max(start + READ_AHEAD_BYTES).min(*file_len).max(end);
                 let size = usize::try_from(stop - start).map_err(io::Error::other)?;
-                let bytes = tokio::task::spawn_blocking(move || read_range(&file, start, size))
-                    .await
-                    .map_err(io::Error::other)??;
-                self.ahead = Some((start, Bytes::from(bytes)));
+                self.ahead.resize(size, 0);
+                // A file that shrank is an error, not short data.
+                file.read_exact_at(&mut self.ahead, start)?;
+                self.ahead_at = start;
             }
         }
         for out in outs {
             match out {
                 Output::Send(Datagram::Bytes(b)) => {
-                    self.sock.send_to(&b, self.peer).await?;
+                    self.sock.send_to(&b, self.peer)?;
                 }
                 Output::Send(Datagram::Data { block, offset, len }) => {
-                    let payload = match (self.content, &self.ahead) {
-                        (Content::Memory(b), _) => slice(b, offset, len),
-                        (Content::Disk(..), Some((start, b))) => {
-                            offset.checked_sub(*start).and_then(|o| slice(b, o, len))
-                        }
-                        (Content::Disk(..), None) => None,
+                    let payload = match self.content {
+                        Content::Memory(b) => slice(b, offset, len),
+                        Content::Disk(..) => offset
+                            .checked_sub(self.ahead_at)
+                            .and_then(|o| slice(&self.ahead, o, len)),
                     }
                     .ok_or_else(|| io::Error::other("block outside the file"))?;
                     self.packet.clear();
                     self.packet.extend_from_slice(&wire::data_header(block));
                     self.packet.extend_from_slice(payload);
-                    self.sock.send_to(&self.packet, self.peer).await?;
+                    self.sock.send_to(&self.packet, self.peer)?;
                 }
                 Output::Event(e) => report.event(e),
             }
@@ -717,7 +778,7 @@ impl TransferIo<'_> {
     }
 }
 
-fn slice(bytes: &Bytes, offset: u64, len: usize) -> Option<&[u8]> {
+fn slice(bytes: &[u8], offset: u64, len: usize) -> Option<&[u8]> {
     let start = usize::try_from(offset).ok()?;
     bytes.get(start..start.checked_add(len)?)
 }

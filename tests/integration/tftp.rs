@@ -958,3 +958,158 @@ async fn transfer_survives_a_request_flood() {
         "after the flood",
     );
 }
+
+/// `tftp_root` in a profile: a real client (curl) whose machine entry picks that profile gets
+/// the profile root's file; another client gets the main root's file of the same name, and
+/// neither can climb out of its root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_tftp_root_serves_that_profiles_clients() {
+    const INSTALLER_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x11]);
+    const OTHER_MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0, 0, 0x12]);
+    // curl --interface picks the source address; loopback owns all of 127/8.
+    const INSTALLER_IP: &str = "127.0.0.11";
+    const OTHER_IP: &str = "127.0.0.12";
+    let tmp = tempfile::tempdir().unwrap();
+    let main = tmp.path().join("main");
+    let installer = tmp.path().join("installer");
+    std::fs::create_dir_all(&main).unwrap();
+    std::fs::create_dir_all(&installer).unwrap();
+    std::fs::write(tmp.path().join("secret.txt"), SECRET).unwrap();
+    let main_boot = noise(70_001, 21);
+    let installer_boot = noise(90_001, 22);
+    std::fs::write(main.join("boot.efi"), &main_boot).unwrap();
+    std::fs::write(installer.join("boot.efi"), &installer_boot).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("secret.txt"), installer.join("leak")).unwrap();
+    let text = format!(
+        r#"
+[server]
+root = "{main}"
+
+[[profile]]
+name = "default"
+nbp = "boot.efi"
+
+[[profile]]
+name = "installer"
+nbp = "boot.efi"
+tftp_root = "{installer}"
+
+[[machine]]
+mac = "{INSTALLER_MAC}"
+profile = "installer"
+"#,
+        main = main.display(),
+        installer = installer.display(),
+    );
+    let cfg = pxed::config::Config::parse(&text, Path::new("test.toml")).unwrap();
+    let policy = Arc::new(cfg.policy.clone());
+    let mac_of: server::MacLookup = Arc::new(|ip: IpAddr| match ip.to_string().as_str() {
+        INSTALLER_IP => Some(INSTALLER_MAC),
+        OTHER_IP => Some(OTHER_MAC),
+        _ => None,
+    });
+    let addrs = pxed::policy::ServerAddrs {
+        ip: std::net::Ipv4Addr::LOCALHOST,
+        http_port: 8080,
+    };
+    let plan_mac = mac_of.clone();
+    let plan_of: pxed::tftp::roots::PlanLookup = Arc::new(move |ip: IpAddr| {
+        let facts = pxed::policy::ClientFacts {
+            mac: plan_mac(ip)?,
+            ..Default::default()
+        };
+        Some(pxed::policy::plan(&policy, &facts, &addrs))
+    });
+    let main_source = server::root_source(&cfg.tftp, cfg.server.root.clone()).unwrap();
+    let files = Arc::new(
+        pxed::tftp::roots::ProfileRoots::new(main_source, &cfg.policy, &cfg.tftp, plan_of).unwrap(),
+    );
+    let srv = TftpServer::bind(
+        cfg.tftp.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        files,
+        EventBus::new(),
+        mac_of,
+    )
+    .await
+    .unwrap();
+    let addr = srv.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
+    tokio::spawn(srv.run(stop));
+
+    let out = tempfile::tempdir().unwrap();
+    let fetch = |from: &'static str, name: &'static str| {
+        let local = out
+            .path()
+            .join(format!("{from}-{}", name.replace('/', "_")));
+        let args = vec![
+            s("-sS"),
+            // Send `..` as written instead of resolving it in the URL.
+            s("--path-as-is"),
+            s("--interface"),
+            s(from),
+            s("--tftp-blksize"),
+            s("1468"),
+            s("-o"),
+            local.display().to_string(),
+            format!("tftp://{addr}/{name}"),
+        ];
+        (args, local)
+    };
+    for (from, want) in [(INSTALLER_IP, &installer_boot), (OTHER_IP, &main_boot)] {
+        let (args, local) = fetch(from, "boot.efi");
+        let (ok, text) = run_client("curl", &args, out.path()).await;
+        let what = format!("curl from {from}: {text}");
+        assert!(ok, "{what}");
+        assert_file(&local, want, &what);
+    }
+    // The profile root confines like the main one: no climbing to the main root or the
+    // secret next to it, no symlink out.
+    for name in ["../main/boot.efi", "..%2fsecret.txt", "leak"] {
+        let (args, local) = fetch(INSTALLER_IP, name);
+        let (ok, text) = run_client("curl", &args, out.path()).await;
+        let got = std::fs::read(&local).unwrap_or_default();
+        assert!(
+            !ok && got != SECRET && got != main_boot,
+            "{name} from the installer root: {text}"
+        );
+    }
+}
+
+/// Stopping the server ends a running transfer with an ERROR to its client (the transfer runs
+/// on its own thread, which must still see the shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_error_to_a_running_transfer() {
+    let mut lab = Lab::start(TftpConfig::default()).await;
+    lab.put("big.bin", &noise(2_000_000, 31));
+    let server = lab.addr;
+    let raw = tokio::task::spawn_blocking(move || {
+        let raw = Raw::new(server);
+        raw.send(&wire::encode_request(false, "big.bin", "octet", &[]));
+        let (pkt, tid) = raw.recv();
+        assert!(matches!(wire::parse(&pkt).unwrap(), Packet::Data(1, _)));
+        (raw, tid)
+    })
+    .await
+    .unwrap();
+    lab.stop.cancel();
+    let error = tokio::task::spawn_blocking(move || {
+        let (raw, tid) = raw;
+        // Until the ERROR: at most the retransmitted DATA 1 (never acknowledged) before it.
+        loop {
+            let (pkt, from) = raw.recv();
+            assert_eq!(from, tid);
+            match wire::parse(&pkt).unwrap() {
+                Packet::Data(1, _) => continue,
+                Packet::Error(code, msg) => return (code, msg.to_string()),
+                other => panic!("expected ERROR after the shutdown, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(error, (0, "server shutting down".to_string()));
+    let ev = lab.wait_event(BootStage::TftpError, "big.bin").await;
+    assert!(ev.detail.contains("server shutting down"), "{}", ev.detail);
+}
