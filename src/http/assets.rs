@@ -527,8 +527,8 @@ fn read_range(file: &std::fs::File, start: u64, count: u64) -> std::io::Result<B
 
 /// A byte range of a file as a stream of [`STREAM_CHUNK`] reads on the blocking pool. The
 /// next read starts as soon as a chunk is handed over, so the disk (or page cache) copy of
-/// chunk n+1 overlaps the socket write of chunk n. At most one read is in flight (each seeks
-/// to its own offset on the shared descriptor).
+/// chunk n+1 overlaps the socket write of chunk n. At most one read is in flight; each is a
+/// positioned read at its own offset, so the descriptor's position does not matter.
 struct FileChunks {
     file: Arc<std::fs::File>,
     /// Where the next read starts.
@@ -680,6 +680,49 @@ mod tests {
         assert_eq!(decode_path("/"), Err(PathError::NotFound));
         // Double encoding decodes once: a file literally named `%2e%2e`, not a parent.
         assert_eq!(decode_path("/%252e%252e").unwrap(), PathBuf::from("%2e%2e"));
+    }
+
+    /// A file truncated while it is being sent ends the body with an error (hyper then drops
+    /// the connection: the client sees fewer bytes than `Content-Length`); no panic.
+    #[tokio::test]
+    async fn truncated_while_served_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.img");
+        let len = 3 * SINGLE_READ_MAX as usize;
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let serve = |headers: HeaderMap| {
+            serve_file(
+                dir.path().to_path_buf(),
+                PathBuf::from("big.img"),
+                Method::GET,
+                headers,
+                "/big.img".into(),
+                |_| {},
+            )
+        };
+        let (resp, served) = serve(HeaderMap::new()).await.unwrap();
+        assert_eq!(served.status, StatusCode::OK);
+        assert_eq!(served.body_len, len as u64);
+        // Nothing was read yet: the stream reads when polled.
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(SINGLE_READ_MAX)
+            .unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+        assert!(body.is_err(), "a short body must not end cleanly");
+
+        let mut range = HeaderMap::new();
+        range.insert(header::RANGE, HeaderValue::from_static("bytes=0-1023"));
+        let (_, served) = serve(range.clone()).await.unwrap();
+        assert_eq!(served.status, StatusCode::PARTIAL_CONTENT);
+        // Shrunk before the request: decided on the new length, never a short 206. (A file
+        // that shrinks between the decision and the single read is `buffers::read_at`'s
+        // error, tested there.)
+        std::fs::write(&path, b"").unwrap();
+        let (_, served) = serve(range).await.unwrap();
+        assert_eq!(served.status, StatusCode::RANGE_NOT_SATISFIABLE);
     }
 
     #[test]

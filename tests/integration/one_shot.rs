@@ -64,7 +64,11 @@ fn tftp_get(ns: &NetNs, dir: &Path, remote: &str) -> String {
 }
 
 fn curl(ns: &NetNs, url: &str) -> String {
-    let out = ns.command("curl").args(["-sS", "-f", url]).output().unwrap();
+    let out = ns
+        .command("curl")
+        .args(["-sS", "-f", url])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "curl {url}: {}",
