@@ -16,14 +16,17 @@ const UUID: &str = "11223344-5566-4788-99aa-bbccddeeff00";
 /// little-endian, as firmware sends it; see `pxe_options::format_uuid`).
 const UUID_OPTION: &str = "00443322116655884799aabbccddeeff00";
 
-/// `pxed`'s boot file for a DHCP exchange of busybox udhcpc posing as a BIOS PXE client.
+/// `pxed`'s boot file for a DHCP exchange of busybox udhcpc posing as a BIOS PXE client (which
+/// also takes the offered address, for the TFTP and HTTP clients that follow).
 fn dhcp_boot_file(ns: &NetNs, dir: &Path, name: &str) -> String {
     let log = dir.join(format!("{name}.events"));
     let script = dir.join(format!("{name}.sh"));
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"boot_file=$boot_file siaddr=$siaddr\" >> {}\nexit 0\n",
+            "#!/bin/sh\nif [ \"$1\" = bound ]; then\n  ip addr flush dev $interface\n  \
+             ip addr add $ip/$mask dev $interface\n  \
+             echo \"boot_file=$boot_file siaddr=$siaddr\" >> {}\nfi\nexit 0\n",
             log.display()
         ),
     )
