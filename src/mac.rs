@@ -9,6 +9,65 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// TFTP and HTTP requests carry no MAC, but their events are keyed on one.
 pub type MacLookup = std::sync::Arc<dyn Fn(std::net::IpAddr) -> Option<MacAddr> + Send + Sync>;
 
+/// Most machines whose UUID [`UuidMemory`] keeps: a lab or a rack, with room; beyond it the
+/// machine heard from longest ago is forgotten (a flood of made-up MACs cannot grow it).
+pub const MAX_REMEMBERED_UUIDS: usize = 4096;
+
+/// The SMBIOS UUID each machine last announced, by MAC: DHCP option 97 as the DHCP engine saw
+/// it, or iPXE's `${uuid}` in a script request. Template requests (preseed, kickstart,
+/// cloud-init) carry neither, so their `uuid` fact comes from here. The UUID is what the
+/// client claims, like its MAC: a fact for templates, not a credential.
+#[derive(Debug, Default)]
+pub struct UuidMemory {
+    inner: std::sync::Mutex<UuidMap>,
+}
+
+#[derive(Debug, Default)]
+struct UuidMap {
+    /// MAC to (UUID, number of the last announcement).
+    by_mac: std::collections::HashMap<MacAddr, (String, u64)>,
+    /// Number of the next announcement.
+    next: u64,
+}
+
+impl UuidMemory {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UuidMap> {
+        match self.inner.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// `mac` announced `uuid` (text `8-4-4-4-12`, lower case).
+    pub fn remember(&self, mac: MacAddr, uuid: &str) {
+        let mut map = self.lock();
+        let seq = map.next;
+        map.next = seq.wrapping_add(1);
+        if let Some(entry) = map.by_mac.get_mut(&mac) {
+            if entry.0 != uuid {
+                entry.0 = uuid.to_string();
+            }
+            entry.1 = seq;
+            return;
+        }
+        if map.by_mac.len() >= MAX_REMEMBERED_UUIDS
+            && let Some(oldest) = map
+                .by_mac
+                .iter()
+                .min_by_key(|(_, (_, s))| *s)
+                .map(|(m, _)| *m)
+        {
+            map.by_mac.remove(&oldest);
+        }
+        map.by_mac.insert(mac, (uuid.to_string(), seq));
+    }
+
+    /// The UUID `mac` last announced, if any.
+    pub fn get(&self, mac: &MacAddr) -> Option<String> {
+        self.lock().by_mac.get(mac).map(|(u, _)| u.clone())
+    }
+}
+
 /// An Ethernet hardware address. Every boot event, lease and policy match is keyed on it,
 /// because firmware, iPXE and the booted OS each send a different client identifier.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -94,5 +153,27 @@ mod tests {
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn uuid_memory_keeps_the_latest_and_forgets_the_oldest() {
+        let mem = UuidMemory::default();
+        let a = MacAddr([2, 0, 0, 0, 0, 1]);
+        assert_eq!(mem.get(&a), None);
+        mem.remember(a, "00000000-0000-4000-8000-000000000001");
+        mem.remember(a, "00000000-0000-4000-8000-000000000002");
+        assert_eq!(
+            mem.get(&a).as_deref(),
+            Some("00000000-0000-4000-8000-000000000002")
+        );
+        // Fill it: `a` announced first, so it is the one forgotten when one more arrives.
+        for i in 1..MAX_REMEMBERED_UUIDS as u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            mem.remember(MacAddr([6, 0, 0, b, c, d]), "x");
+        }
+        assert!(mem.get(&a).is_some());
+        mem.remember(MacAddr([6, 1, 0, 0, 0, 0]), "y");
+        assert_eq!(mem.get(&a), None);
+        assert_eq!(mem.get(&MacAddr([6, 1, 0, 0, 0, 0])).as_deref(), Some("y"));
     }
 }

@@ -13,6 +13,7 @@ use crate::dhcp::engine::DhcpEngine;
 use crate::dhcp::server::{DhcpServer, find_other_servers};
 use crate::dhcp::{DhcpConfig, DhcpMode};
 use crate::events::EventBus;
+use crate::http::BootStateStore;
 use crate::http::server::{HttpState, MacLookup};
 use crate::leases::hook::LeaseHook;
 use crate::leases::{LEASE_DB, LeaseStore, SqliteStore};
@@ -165,6 +166,24 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         None => EventBus::new(),
     };
     let policy = Arc::new(cfg.policy.clone());
+    // One-shot state and the HTTP token secret survive restarts in the state directory (the
+    // default one when a one-shot profile needs it); without either they live in memory. One
+    // store for DHCP, TFTP and HTTP, so all three plan with the same state.
+    let persistent_dir = cfg.server.state_dir.clone().or_else(|| {
+        cfg.policy
+            .has_one_shot()
+            .then(|| PathBuf::from(DEFAULT_STATE_DIR))
+    });
+    let boot_states: Arc<dyn BootStateStore> = match &persistent_dir {
+        Some(dir) => Arc::new(crate::http::FileBootStates::open(
+            &dir.join("boot-state.json"),
+        )?),
+        None => Arc::new(crate::http::MemoryBootStates::default()),
+    };
+
+    // The UUID each client announced, seen by DHCP (option 97) and HTTP (iPXE `${uuid}`), for
+    // the templates of that machine.
+    let uuids = Arc::new(crate::mac::UuidMemory::default());
 
     let mut tasks = tokio::task::JoinSet::new();
     let dhcp_counters = crate::dhcp::limits::DhcpCounters::default();
@@ -184,12 +203,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             (Arc::new(NoLeases), Vec::new())
         };
         tracing::info!(leases = leases.len(), "lease store loaded");
-        let engine = Arc::new(Mutex::new(DhcpEngine::new(
-            cfg.dhcp.clone(),
-            policy.clone(),
-            cfg.http.port,
-            leases,
-        )));
+        let engine = Arc::new(Mutex::new(
+            DhcpEngine::new(cfg.dhcp.clone(), policy.clone(), cfg.http.port, leases)
+                .with_boot_states(boot_states.clone())
+                .with_uuid_memory(uuids.clone()),
+        ));
         engine_for_lookup = Some(engine.clone());
         engine_for_reload = Some(engine.clone());
         let dhcp = DhcpServer {
@@ -245,12 +263,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 ip: server_ip,
                 http_port: cfg.http.port,
             };
+            let plan_states = boot_states.clone();
             let plan_of: tftp::roots::PlanLookup = Arc::new(move |ip: IpAddr| {
                 let facts = ClientFacts {
                     mac: plan_mac(ip)?,
                     ..ClientFacts::default()
                 };
-                Some(plan(&plan_policy, &facts, &addrs))
+                let state = plan_states.get(&facts.mac);
+                Some(plan(&plan_policy, &facts, &state, &addrs))
             });
             Arc::new(tftp::roots::ProfileRoots::new(
                 files, &policy, &cfg.tftp, plan_of,
@@ -259,14 +279,17 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             files
         };
         // Real files first, then pxelinux/GRUB configs and boot.ipxe rendered from the policy.
-        let files = Arc::new(tftp::virtual_files::PolicyFiles::new(
-            files,
-            policy.clone(),
-            ServerAddrs {
-                ip: server_ip,
-                http_port: cfg.http.port,
-            },
-        ));
+        let files = Arc::new(
+            tftp::virtual_files::PolicyFiles::new(
+                files,
+                policy.clone(),
+                ServerAddrs {
+                    ip: server_ip,
+                    http_port: cfg.http.port,
+                },
+            )
+            .with_boot_states(boot_states.clone()),
+        );
         let bind = SocketAddr::from((server_ip, cfg.tftp.port));
         let tftp = tftp::server::TftpServer::bind(
             cfg.tftp.clone(),
@@ -300,20 +323,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .with_mac_lookup(mac_lookup.clone())
         // Script URLs say `tftp://<ip>/`, which means port 69.
         .with_tftp(cfg.tftp.enabled && cfg.tftp.port == 69)
-        .with_dhcp_counters(&dhcp_counters);
-        // One-shot state and the token secret survive restarts in the state directory (the
-        // default one when a one-shot profile needs it); without either they live in memory.
-        let http_state_dir = cfg.server.state_dir.clone().or_else(|| {
-            cfg.policy
-                .has_one_shot()
-                .then(|| PathBuf::from(DEFAULT_STATE_DIR))
-        });
-        if let Some(dir) = http_state_dir {
-            let store = crate::http::FileBootStates::open(&dir.join("boot-state.json"))?;
+        .with_dhcp_counters(&dhcp_counters)
+        .with_boot_states(boot_states.clone())
+        .with_uuid_memory(uuids.clone());
+        if let Some(dir) = &persistent_dir {
             let secret_path = dir.join("http-secret");
             let secret = crate::http::Secret::load_or_create(&secret_path)
                 .with_context(|| format!("token secret {}", secret_path.display()))?;
-            state = state.with_boot_states(Arc::new(store)).with_secret(secret);
+            state = state.with_secret(secret);
         }
         if cfg.http.tls_cert.is_some() != cfg.http.tls_key.is_some() {
             bail!("[http]: give both tls_cert and tls_key, or neither");

@@ -13,7 +13,9 @@ use super::reply_table::{ClientClass, ReplyShape, reply_shape};
 use super::wire::{DhcpPacket, MessageType, Op, code};
 use super::{BootFileFields, ConflictProbe, DhcpConfig, DhcpMode};
 use crate::events::BootEvent;
+use crate::http::boot_state::{BootStateStore, MemoryBootStates};
 use crate::mac::MacAddr;
+use crate::mac::UuidMemory;
 use crate::policy::{self, ClientFacts, DhcpBoot, Policy, ServerAddrs};
 use crate::stage::BootStage;
 
@@ -180,6 +182,11 @@ pub struct DhcpEngine {
     /// Addresses a probe found free, until when (seconds).
     probed_free: HashMap<Ipv4Addr, u64>,
     limiter: RateLimiter,
+    /// One-shot boot state, shared with TFTP and HTTP (which records it), so that a machine
+    /// that finished its one-shot profile gets the same local-boot plan here as there.
+    boot_states: Arc<dyn BootStateStore>,
+    /// Where the option 97 UUIDs clients send are kept for HTTP's template facts.
+    uuids: Arc<UuidMemory>,
 }
 
 struct Ctx<'a> {
@@ -229,7 +236,23 @@ impl DhcpEngine {
             pool,
             probing: HashMap::new(),
             probed_free: HashMap::new(),
+            boot_states: Arc::new(MemoryBootStates::default()),
+            uuids: Arc::new(UuidMemory::default()),
         }
+    }
+
+    /// Keep the UUID (option 97) of every client in `uuids`, where HTTP finds it for the
+    /// templates of that machine.
+    pub fn with_uuid_memory(mut self, uuids: Arc<UuidMemory>) -> DhcpEngine {
+        self.uuids = uuids;
+        self
+    }
+
+    /// Plan with the one-shot state in `store` (the one HTTP records phone-home reports in).
+    /// Without it the engine plans as if no machine had finished a one-shot profile.
+    pub fn with_boot_states(mut self, store: Arc<dyn BootStateStore>) -> DhcpEngine {
+        self.boot_states = store;
+        self
     }
 
     /// Swap in a new policy (config reload) without touching leases.
@@ -299,6 +322,9 @@ impl DhcpEngine {
             };
         }
         let (mut facts, warnings) = client_facts(&req);
+        if let Some(uuid) = &facts.uuid {
+            self.uuids.remember(mac, uuid);
+        }
         if !self.config.arch_from_vendor_class && !req.options.contains(93) {
             facts.arch_code = None;
         }
@@ -783,7 +809,8 @@ impl DhcpEngine {
         mode: DhcpMode,
     ) -> Option<DhcpPacket> {
         let server = self.server_addrs(ctx.rx);
-        let plan = policy::plan(&self.policy, &ctx.facts, &server);
+        let state = self.boot_states.get(&ctx.mac);
+        let plan = policy::plan(&self.policy, &ctx.facts, &state, &server);
         let file = match &plan.dhcp {
             DhcpBoot::Tftp { file } => file.clone(),
             DhcpBoot::Http { url } => url.clone(),

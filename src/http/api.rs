@@ -117,7 +117,7 @@ pub async fn phone_home(
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let Some(mac) = state.client_mac(f.get("mac").map(String::as_str), peer) else {
+    let Some(mac) = state.client_mac(f.get("mac").map(String::as_str), &parts.extensions) else {
         return error(
             StatusCode::BAD_REQUEST,
             "no valid `mac` and the client IP is unknown",

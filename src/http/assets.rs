@@ -14,28 +14,29 @@
 //! only logged, because events are keyed on MACs.
 
 use std::ffi::OsStr;
-use std::io::SeekFrom;
+use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 /// Read size per chunk of a streamed file. Each read is a trip to tokio's blocking pool, so
 /// bigger chunks mean fewer trips (64 KiB measured below nginx on 100 concurrent range
-/// readers, BENCHMARKS.md); at the default cap of 1024 connections the buffers stay <= 256 MiB.
+/// readers, BENCHMARKS.md). With one read ahead a stream holds two chunks, so at the default
+/// cap of 1024 connections the buffers stay <= 512 MiB.
 pub const STREAM_CHUNK: usize = 256 * 1024;
 /// Bodies up to this size are read with one positioned read on the blocking pool and sent as
 /// one buffer: a range reader (iPXE `sanboot`, many clients fetching image pieces) then costs one
-/// trip to the pool instead of a seek plus one trip per chunk. Bounded so that 100 concurrent
-/// readers hold at most 100 x 2 MiB.
-pub const SINGLE_READ_MAX: u64 = 2 * 1024 * 1024;
+/// trip to the pool (resolve, open, check and read together) instead of one per step. Bounded
+/// so that 100 concurrent readers hold at most 100 x 2 MiB; the largest pooled buffer.
+pub const SINGLE_READ_MAX: u64 = super::buffers::MAX_POOLED as u64;
 
 /// Longest request path we try to resolve; PATH_MAX on Linux.
 const MAX_PATH_BYTES: usize = 4096;
@@ -124,36 +125,45 @@ fn percent_decode_strict(raw: &[u8]) -> Result<Vec<u8>, PathError> {
     Ok(out)
 }
 
-/// Open a file under `root`, refusing anything that resolves outside it.
-pub async fn open_in_root(
-    root: &Path,
-    rel: &Path,
-) -> Result<(tokio::fs::File, std::fs::Metadata, PathBuf), PathError> {
-    let root = tokio::fs::canonicalize(root)
-        .await
-        .map_err(|_| PathError::NotFound)?;
-    let full = tokio::fs::canonicalize(root.join(rel))
-        .await
-        .map_err(|_| PathError::NotFound)?;
+/// A file under the boot root, opened and checked: a regular file inside the root.
+#[derive(Debug)]
+pub struct OpenFile {
+    /// The open file.
+    pub file: std::fs::File,
+    /// Its metadata, taken from the open descriptor (what is served is what was checked).
+    pub meta: std::fs::Metadata,
+    /// The canonical path (no symlinks left).
+    pub path: PathBuf,
+}
+
+/// Open a file under `root`, refusing anything that resolves outside it. Blocking (a few
+/// `lstat`s, an `open`, an `fstat`): call it on the blocking pool, as [`serve_file`] does,
+/// together with the rest of the request's file work.
+///
+/// The root is resolved on every call rather than once at start: a root that is a symlink
+/// (switched to a new tree by `ln -sfn`) is followed at once, and it costs a few `lstat`s in a
+/// trip to the pool the request makes anyway.
+pub fn open_in_root(root: &Path, rel: &Path) -> Result<OpenFile, PathError> {
+    let root = std::fs::canonicalize(root).map_err(|_| PathError::NotFound)?;
+    let full = std::fs::canonicalize(root.join(rel)).map_err(|_| PathError::NotFound)?;
     if !full.starts_with(&root) {
         tracing::warn!(path = %rel.display(), "refused a path that resolves outside the boot root");
         return Err(PathError::NotFound);
     }
-    let open_path = full.clone();
-    let file = tokio::task::spawn_blocking(move || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(open_path)
-    })
-    .await
-    .map_err(|_| PathError::NotFound)?
-    .map_err(|_| PathError::NotFound)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&full)
+        .map_err(|_| PathError::NotFound)?;
     let meta = file.metadata().map_err(|_| PathError::NotFound)?;
     if !meta.is_file() {
         return Err(PathError::NotFound);
     }
-    Ok((tokio::fs::File::from_std(file), meta, full))
+    Ok(OpenFile {
+        file,
+        meta,
+        path: full,
+    })
 }
 
 /// A strong validator from size, modification time and inode: any rewrite or replacement of the
@@ -329,17 +339,29 @@ pub struct Served {
     pub detail: String,
 }
 
-/// Build the response for a file already opened and checked. Streams the body; never reads the
-/// whole file.
-pub async fn file_response(
+/// What to answer to a request for a file, decided from the request headers and the file's
+/// metadata alone. Pure.
+#[derive(Debug)]
+pub struct Decision {
+    /// Status and headers of the response.
+    pub status: StatusCode,
+    /// Headers (validators, `Content-Range`, `Content-Type`, `Content-Length`).
+    pub headers: HeaderMap,
+    /// The bytes to send, `(first, count)`; `None` for HEAD, 304, 412 and 416.
+    pub body: Option<(u64, u64)>,
+    /// For events and logs: path and range, or why nothing is sent.
+    pub detail: String,
+}
+
+/// Decide the answer to `method` with `headers` for a file with `meta` (RFC 9110 sections 13
+/// and 14): validators, preconditions, range, length.
+pub fn decide(
     method: &Method,
     headers: &HeaderMap,
-    mut file: tokio::fs::File,
     meta: &std::fs::Metadata,
     path: &Path,
     shown: &str,
-    on_chunk: impl Fn(usize) + Send + Sync + 'static,
-) -> (Response, Served) {
+) -> Decision {
     let len = meta.len();
     let tag = etag(meta);
     let modified = last_modified(meta);
@@ -351,25 +373,22 @@ pub async fn file_response(
         common.insert(header::LAST_MODIFIED, v);
     }
     common.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let nothing = |status, headers, why: &str| Decision {
+        status,
+        headers,
+        body: None,
+        detail: format!("{shown} {why}"),
+    };
 
     let range_allowed = match preconditions(headers, &tag, modified) {
         Precondition::NotModified => {
-            let served = Served {
-                status: StatusCode::NOT_MODIFIED,
-                body_len: 0,
-                detail: format!("{shown} not modified"),
-            };
-            return ((StatusCode::NOT_MODIFIED, common).into_response(), served);
+            return nothing(StatusCode::NOT_MODIFIED, common, "not modified");
         }
         Precondition::Failed => {
-            let served = Served {
-                status: StatusCode::PRECONDITION_FAILED,
-                body_len: 0,
-                detail: format!("{shown} precondition failed"),
-            };
-            return (
-                (StatusCode::PRECONDITION_FAILED, common).into_response(),
-                served,
+            return nothing(
+                StatusCode::PRECONDITION_FAILED,
+                common,
+                "precondition failed",
             );
         }
         Precondition::Proceed { range_allowed } => range_allowed,
@@ -392,14 +411,10 @@ pub async fn file_response(
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
                 common.insert(header::CONTENT_RANGE, v);
             }
-            let served = Served {
-                status: StatusCode::RANGE_NOT_SATISFIABLE,
-                body_len: 0,
-                detail: format!("{shown} range not satisfiable"),
-            };
-            return (
-                (StatusCode::RANGE_NOT_SATISFIABLE, common).into_response(),
-                served,
+            return nothing(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                common,
+                "range not satisfiable",
             );
         }
     };
@@ -413,58 +428,180 @@ pub async fn file_response(
     } else {
         format!("{shown} ({len} bytes)")
     };
-    if method == Method::HEAD {
-        let served = Served {
-            status,
-            body_len: 0,
-            detail,
-        };
-        return ((status, common).into_response(), served);
-    }
-    if count <= SINGLE_READ_MAX {
-        let std_file = file.into_std().await;
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; usize::try_from(count).unwrap_or(0)];
-            std::os::unix::fs::FileExt::read_exact_at(&std_file, &mut buf, start).map(|()| buf)
-        })
-        .await;
-        return match read {
-            Ok(Ok(buf)) => {
-                on_chunk(buf.len());
-                let served = Served {
-                    status,
-                    body_len: count,
-                    detail,
-                };
-                let mut resp = Response::new(Body::from(buf));
-                *resp.status_mut() = status;
-                resp.headers_mut().extend(common);
-                (resp, served)
-            }
-            Ok(Err(err)) => read_failed(path, shown, &err.to_string()),
-            Err(err) => read_failed(path, shown, &err.to_string()),
-        };
-    }
-    if start > 0
-        && let Err(err) = file.seek(SeekFrom::Start(start)).await
-    {
-        return read_failed(path, shown, &err.to_string());
-    }
-    let stream = ReaderStream::with_capacity(file.take(count), STREAM_CHUNK).map(move |chunk| {
-        if let Ok(c) = &chunk {
-            on_chunk(c.len());
-        }
-        chunk
-    });
-    let served = Served {
+    Decision {
         status,
-        body_len: count,
+        headers: common,
+        body: (method != Method::HEAD).then_some((start, count)),
         detail,
+    }
+}
+
+/// The part of a request done on the blocking pool, in one trip.
+enum Prepared {
+    /// Nothing to read (HEAD, 304, 412, 416), or a body read whole.
+    Done(Decision, Option<Bytes>),
+    /// A body to stream from the open file.
+    Stream(Decision, std::fs::File, u64, u64),
+    /// The single read failed after the headers were decided: path, error.
+    ReadFailed(PathBuf, String),
+}
+
+/// Serve `rel` under `root`: resolving, opening, checking, deciding and (for bodies up to
+/// [`SINGLE_READ_MAX`]) reading happen in one trip to the blocking pool; larger bodies are
+/// streamed in [`STREAM_CHUNK`] reads with one read ahead. Never reads a large file whole.
+/// `Err` when the path is not served; `on_chunk` is called with every body chunk's length.
+pub async fn serve_file(
+    root: PathBuf,
+    rel: PathBuf,
+    method: Method,
+    headers: HeaderMap,
+    shown: String,
+    on_chunk: impl Fn(usize) + Send + Sync + 'static,
+) -> Result<(Response, Served), PathError> {
+    let shown_here = shown.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let opened = open_in_root(&root, &rel)?;
+        let decision = decide(&method, &headers, &opened.meta, &opened.path, &shown);
+        Ok(match decision.body {
+            None => Prepared::Done(decision, None),
+            Some((start, count)) if count <= SINGLE_READ_MAX => {
+                match read_range(&opened.file, start, count) {
+                    Ok(bytes) => Prepared::Done(decision, Some(bytes)),
+                    Err(e) => Prepared::ReadFailed(opened.path, e.to_string()),
+                }
+            }
+            Some((start, count)) => Prepared::Stream(decision, opened.file, start, count),
+        })
+    })
+    .await;
+    let prepared = match prepared {
+        Ok(p) => p?,
+        Err(e) => {
+            // The task panicked or the runtime is shutting down: not the client's fault.
+            tracing::error!("file task failed: {e}");
+            return Ok(read_failed(
+                Path::new(&shown_here),
+                &shown_here,
+                &e.to_string(),
+            ));
+        }
     };
-    let mut resp = Response::new(Body::from_stream(stream));
-    *resp.status_mut() = status;
-    resp.headers_mut().extend(common);
-    (resp, served)
+    let (decision, body) = match prepared {
+        Prepared::ReadFailed(path, err) => return Ok(read_failed(&path, &shown_here, &err)),
+        Prepared::Done(decision, bytes) => {
+            let body = match bytes {
+                Some(b) => {
+                    on_chunk(b.len());
+                    Body::from(b)
+                }
+                None => Body::empty(),
+            };
+            (decision, body)
+        }
+        Prepared::Stream(decision, file, start, count) => {
+            let chunks = FileChunks::new(file, start, count).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    on_chunk(c.len());
+                }
+                chunk
+            });
+            (decision, Body::from_stream(chunks))
+        }
+    };
+    let served = Served {
+        status: decision.status,
+        body_len: decision.body.map_or(0, |(_, count)| count),
+        detail: decision.detail,
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = decision.status;
+    *resp.headers_mut() = decision.headers;
+    Ok((resp, served))
+}
+
+/// Read `count` bytes at `start` (blocking) into a pooled buffer ([`super::buffers`]).
+fn read_range(file: &std::fs::File, start: u64, count: u64) -> std::io::Result<Bytes> {
+    let len = usize::try_from(count).map_err(std::io::Error::other)?;
+    super::buffers::read_at(file, start, len)
+}
+
+/// A byte range of a file as a stream of [`STREAM_CHUNK`] reads on the blocking pool. The
+/// next read starts as soon as a chunk is handed over, so the disk (or page cache) copy of
+/// chunk n+1 overlaps the socket write of chunk n. At most one read is in flight; each is a
+/// positioned read at its own offset, so the descriptor's position does not matter.
+struct FileChunks {
+    file: Arc<std::fs::File>,
+    /// Where the next read starts.
+    next: u64,
+    /// One past the last byte to send.
+    end: u64,
+    reading: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
+    failed: bool,
+}
+
+impl FileChunks {
+    fn new(file: std::fs::File, start: u64, count: u64) -> Self {
+        FileChunks {
+            file: Arc::new(file),
+            next: start,
+            end: start.saturating_add(count),
+            reading: None,
+            failed: false,
+        }
+    }
+
+    /// Start the next read, if any bytes are left.
+    fn start_read(&mut self) {
+        if self.next >= self.end || self.reading.is_some() {
+            return;
+        }
+        let count = (self.end - self.next).min(STREAM_CHUNK as u64);
+        let start = self.next;
+        self.next += count;
+        let file = self.file.clone();
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            read_range(&file, start, count)
+        }));
+    }
+}
+
+impl futures_util::Stream for FileChunks {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        this.start_read();
+        let Some(reading) = this.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let result = match std::pin::Pin::new(reading).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        this.reading = None;
+        match result {
+            Ok(Ok(bytes)) => {
+                // Read ahead while this chunk is written.
+                this.start_read();
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            Ok(Err(e)) => {
+                this.failed = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Err(e) => {
+                this.failed = true;
+                Poll::Ready(Some(Err(std::io::Error::other(e))))
+            }
+        }
+    }
 }
 
 /// A read that failed after the headers were decided (the file shrank or the disk failed).
@@ -543,6 +680,49 @@ mod tests {
         assert_eq!(decode_path("/"), Err(PathError::NotFound));
         // Double encoding decodes once: a file literally named `%2e%2e`, not a parent.
         assert_eq!(decode_path("/%252e%252e").unwrap(), PathBuf::from("%2e%2e"));
+    }
+
+    /// A file truncated while it is being sent ends the body with an error (hyper then drops
+    /// the connection: the client sees fewer bytes than `Content-Length`); no panic.
+    #[tokio::test]
+    async fn truncated_while_served_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.img");
+        let len = 3 * SINGLE_READ_MAX as usize;
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        let serve = |headers: HeaderMap| {
+            serve_file(
+                dir.path().to_path_buf(),
+                PathBuf::from("big.img"),
+                Method::GET,
+                headers,
+                "/big.img".into(),
+                |_| {},
+            )
+        };
+        let (resp, served) = serve(HeaderMap::new()).await.unwrap();
+        assert_eq!(served.status, StatusCode::OK);
+        assert_eq!(served.body_len, len as u64);
+        // Nothing was read yet: the stream reads when polled.
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(SINGLE_READ_MAX)
+            .unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await;
+        assert!(body.is_err(), "a short body must not end cleanly");
+
+        let mut range = HeaderMap::new();
+        range.insert(header::RANGE, HeaderValue::from_static("bytes=0-1023"));
+        let (_, served) = serve(range.clone()).await.unwrap();
+        assert_eq!(served.status, StatusCode::PARTIAL_CONTENT);
+        // Shrunk before the request: decided on the new length, never a short 206. (A file
+        // that shrinks between the decision and the single read is `buffers::read_at`'s
+        // error, tested there.)
+        std::fs::write(&path, b"").unwrap();
+        let (_, served) = serve(range).await.unwrap();
+        assert_eq!(served.status, StatusCode::RANGE_NOT_SATISFIABLE);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! own under `[server] state_dir`, rewritten whole on every change (temp file, fsync, rename,
 //! fsync of the directory), so a crash leaves either the old or the new state, never half.
 //!
-//! The policy never reads it: the HTTP side looks the [`BootState`] up and passes it to
-//! [`crate::policy::plan_with_state`].
+//! The policy never reads it: DHCP, TFTP and HTTP share one store, look the machine's
+//! [`BootState`] up and pass it to [`crate::policy::plan`], so that all three agree.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -46,8 +46,9 @@ pub enum BootStateError {
     },
 }
 
-/// Where boot state lives. Calls may block on disk; call them off the async runtime.
-pub trait BootStateStore: Send + Sync {
+/// Where boot state lives. `get` answers from memory (DHCP and TFTP call it on every request);
+/// `record` and `clear` may block on disk, call them off the async runtime.
+pub trait BootStateStore: Send + Sync + std::fmt::Debug {
     /// The state of one machine (empty when nothing is remembered).
     fn get(&self, mac: &MacAddr) -> BootState;
     /// Remember that `mac` reported `stage`, durably. `Ok(false)` when it already was.
@@ -57,7 +58,7 @@ pub trait BootStateStore: Send + Sync {
 }
 
 /// In memory only: the state is lost on restart (no `state_dir` configured).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct MemoryBootStates {
     map: Mutex<BTreeMap<MacAddr, BootState>>,
 }
@@ -79,8 +80,13 @@ impl BootStateStore for MemoryBootStates {
 }
 
 /// The file store: `<state_dir>/boot-state.json`.
+#[derive(Debug)]
 pub struct FileBootStates {
     path: PathBuf,
+    /// Held by a change for its whole read-modify-persist, so changes do not overwrite each
+    /// other; `map` itself is only locked briefly, so a DHCP or TFTP `get` never waits for a
+    /// change's fsync.
+    writer: Mutex<()>,
     map: Mutex<BTreeMap<MacAddr, BootState>>,
 }
 
@@ -146,6 +152,7 @@ impl FileBootStates {
         }
         Ok(FileBootStates {
             path: path.to_path_buf(),
+            writer: Mutex::new(()),
             map: Mutex::new(map),
         })
     }
@@ -188,25 +195,25 @@ impl BootStateStore for FileBootStates {
     }
 
     fn record(&self, mac: MacAddr, stage: &str) -> Result<bool, BootStateError> {
-        let mut map = lock(&self.map);
-        let mut next = map.clone();
+        let _writer = lock(&self.writer);
+        let mut next = lock(&self.map).clone();
         if !add_stage(next.entry(mac).or_default(), stage) {
             return Ok(false);
         }
         // Only a state that reached the disk is believed.
         self.persist(&next)?;
-        *map = next;
+        *lock(&self.map) = next;
         Ok(true)
     }
 
     fn clear(&self, mac: &MacAddr) -> Result<bool, BootStateError> {
-        let mut map = lock(&self.map);
-        let mut next = map.clone();
+        let _writer = lock(&self.writer);
+        let mut next = lock(&self.map).clone();
         if next.remove(mac).is_none() {
             return Ok(false);
         }
         self.persist(&next)?;
-        *map = next;
+        *lock(&self.map) = next;
         Ok(true)
     }
 }

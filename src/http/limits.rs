@@ -18,6 +18,8 @@ use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::mac::MacAddr;
+
 /// Default `[http] max_connections`: a 1 GiB download holds a connection for seconds; a
 /// thousand of them is far beyond a lab and still small in memory (a task and ~64 KiB each).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -153,9 +155,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
     }
 }
 
-/// The peer of a connection accepted by pxed's listeners (axum connect info).
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
+/// The peer of a connection accepted by pxed's listeners (axum connect info), and the MAC
+/// behind it once a request needed it.
+#[derive(Clone, Debug)]
+pub struct ClientAddr(pub SocketAddr, pub PeerMac);
+
+impl ClientAddr {
+    /// A new connection from `addr`.
+    pub fn new(addr: SocketAddr) -> ClientAddr {
+        ClientAddr(addr, PeerMac::default())
+    }
+}
+
+/// The MAC of a connection's peer, looked up (leases, then the ARP table) at most once per
+/// connection: every request of a keep-alive connection comes from the same machine, and the
+/// lookup reads `/proc/net/arp`, which profiling showed on every asset request of range
+/// readers that do not say their MAC.
+#[derive(Clone, Debug, Default)]
+pub struct PeerMac(Arc<std::sync::OnceLock<Option<MacAddr>>>);
+
+impl PeerMac {
+    /// The remembered MAC, or `lookup()`'s answer, remembered.
+    pub fn get_or_lookup(&self, lookup: impl FnOnce() -> Option<MacAddr>) -> Option<MacAddr> {
+        *self.0.get_or_init(lookup)
+    }
+}
 
 /// A TCP listener that enforces [`ConnLimits`].
 pub struct LimitedListener {
@@ -205,7 +229,7 @@ impl Listener for LimitedListener {
 
 impl Connected<IncomingStream<'_, LimitedListener>> for ClientAddr {
     fn connect_info(stream: IncomingStream<'_, LimitedListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
+        ClientAddr::new(*stream.remote_addr())
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod assets;
 pub mod boot_state;
+pub mod buffers;
 pub mod ipxe;
 pub mod limits;
 pub mod server;

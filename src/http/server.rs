@@ -26,7 +26,7 @@ use super::templates::{self, TemplateFacts};
 use super::token::Secret;
 use super::{api, assets, ipxe};
 use crate::events::{BootEvent, EventBus};
-use crate::mac::MacAddr;
+use crate::mac::{MacAddr, UuidMemory};
 use crate::policy::{BootPlan, BootTarget, ClientArch, ClientFacts, Policy, ServerAddrs};
 use crate::stage::BootStage;
 
@@ -58,6 +58,9 @@ pub struct HttpState {
     pub secret: Arc<Secret>,
     /// One-shot boot state.
     pub boot_states: Arc<dyn BootStateStore>,
+    /// The UUID each machine last announced (iPXE `${uuid}` here, DHCP option 97 in the DHCP
+    /// engine), for the `uuid` fact of templates, whose requests carry none.
+    pub uuids: Arc<UuidMemory>,
     /// Connection caps, shared by the HTTP and HTTPS listeners.
     pub limits: ConnLimits,
     /// pxed's TFTP server serves the boot root, so scripts for [`ipxe::LOCKSTEP_NICS`] fetch
@@ -96,6 +99,7 @@ impl HttpState {
             config,
             secret: Arc::new(secret),
             boot_states: Arc::new(MemoryBootStates::default()),
+            uuids: Arc::new(UuidMemory::default()),
             limits,
             tftp_serves_root: false,
             metrics: Arc::new(Metrics::new()),
@@ -139,15 +143,28 @@ impl HttpState {
         self
     }
 
-    /// The client's MAC: the `mac` query value when it parses, else the IP lookup.
+    /// Share `uuids` with the DHCP engine, so that templates also know the UUID of machines
+    /// whose script request did not carry one.
+    pub fn with_uuid_memory(mut self, uuids: Arc<UuidMemory>) -> Self {
+        self.uuids = uuids;
+        self
+    }
+
+    /// The client's MAC: the `mac` query value when it parses, else the IP lookup (done once
+    /// per connection when the connection carries a [`ClientAddr`]).
     pub(crate) fn client_mac(
         &self,
         query_mac: Option<&str>,
-        peer: Option<IpAddr>,
+        req_ext: &axum::http::Extensions,
     ) -> Option<MacAddr> {
-        query_mac
-            .and_then(|m| m.parse().ok())
-            .or_else(|| peer.and_then(|ip| (self.mac_lookup)(ip)))
+        if let Some(mac) = query_mac.and_then(|m| m.parse().ok()) {
+            return Some(mac);
+        }
+        let lookup = |ip: IpAddr| (self.mac_lookup)(ip);
+        match req_ext.get::<ConnectInfo<ClientAddr>>() {
+            Some(ConnectInfo(ClientAddr(addr, memo))) => memo.get_or_lookup(|| lookup(addr.ip())),
+            None => peer_ip(req_ext).and_then(lookup),
+        }
     }
 }
 
@@ -171,8 +188,9 @@ pub(crate) struct StageLabels {
 pub(crate) struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub bytes: Family<RouteLabels, Counter>,
     pub events: Family<StageLabels, Counter>,
+    /// `bytes{route="asset"}`, looked up once: every asset chunk adds to it.
+    pub asset_bytes: Counter,
 }
 
 impl Metrics {
@@ -192,11 +210,16 @@ impl Metrics {
             bytes.clone(),
         );
         registry.register("boot_events", "Boot events by stage", events.clone());
+        let asset_bytes = bytes
+            .get_or_create(&RouteLabels {
+                route: "asset".into(),
+            })
+            .clone();
         Metrics {
             registry,
             requests,
-            bytes,
             events,
+            asset_bytes,
         }
     }
 }
@@ -205,7 +228,7 @@ impl Metrics {
 pub(crate) fn peer_ip(req_ext: &axum::http::Extensions) -> Option<IpAddr> {
     req_ext
         .get::<ConnectInfo<ClientAddr>>()
-        .map(|ConnectInfo(ClientAddr(a))| a.ip())
+        .map(|ConnectInfo(ClientAddr(a, _))| a.ip())
         .or_else(|| {
             req_ext
                 .get::<ConnectInfo<SocketAddr>>()
@@ -517,7 +540,7 @@ async fn script(
     req: Request,
 ) -> Response {
     let peer = peer_ip(req.extensions());
-    let Some(mac) = state.client_mac(q.get("mac").map(String::as_str), peer) else {
+    let Some(mac) = state.client_mac(q.get("mac").map(String::as_str), req.extensions()) else {
         return text_response(
             StatusCode::BAD_REQUEST,
             ipxe::error_script("no MAC in the request (`mac=` query) and the client IP is unknown"),
@@ -533,7 +556,13 @@ async fn script(
         q.get("platform").map_or("", String::as_str),
         q.get("buildarch").map_or("", String::as_str),
     );
+    // iPXE's `${uuid}` is remembered for the machine's templates; without one (no SMBIOS
+    // UUID, an older script URL), the one DHCP saw in option 97 stands in.
     let uuid = clean_uuid(q.get("uuid"));
+    if let Some(u) = &uuid {
+        state.uuids.remember(mac, u);
+    }
+    let uuid = uuid.or_else(|| state.uuids.get(&mac));
     let facts = ClientFacts {
         mac,
         arch_code: arch.map(|a| a.code),
@@ -559,23 +588,20 @@ async fn script(
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut plan = crate::policy::plan_with_state(&policy, &facts, &boot_state, &state.server);
+        let mut plan = crate::policy::plan(&policy, &facts, &boot_state, &state.server);
         if let Some(want) = q.get("profile") {
-            match policy.profile(want) {
-                Some(t) if reachable(&policy, &plan.target, want) => {
+            let chosen = crate::policy::profile_target(&policy, want, &boot_state)
+                .filter(|_| reachable(&policy, &plan.target, want));
+            match chosen {
+                Some((target, done)) => {
                     plan.reason = format!("chosen from the menu of profile `{}`", plan.profile);
-                    plan.profile = want.clone();
-                    plan.target = t.clone();
-                    if let Some(stage) = policy.one_shot_stage(want)
-                        && boot_state.has_reached(stage)
-                    {
-                        plan.reason.push_str(&format!(
-                            "; one-shot, done ({stage} reported): booting locally"
-                        ));
-                        plan.target = BootTarget::Local;
+                    if let Some(done) = done {
+                        plan.reason.push_str(&format!("; {done}"));
                     }
+                    plan.profile = want.clone();
+                    plan.target = target;
                 }
-                _ => {
+                None => {
                     let msg = format!("profile `{want}` is not offered to this machine");
                     state
                         .events
@@ -678,7 +704,8 @@ async fn template(
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        template_facts(&state, &policy, mac, None, peer, &profile, &token)
+        let uuid = state.uuids.get(&mac);
+        template_facts(&state, &policy, mac, uuid, peer, &profile, &token)
     };
     let root = state.root.clone();
     let name2 = name.clone();
@@ -727,22 +754,35 @@ async fn asset(
     }
     let peer = peer_ip(req.extensions());
     let raw_path = req.uri().path().to_string();
-    let mac = state.client_mac(q.get("mac").map(String::as_str), peer);
+    let mac = state.client_mac(q.get("mac").map(String::as_str), req.extensions());
     let stage = match q.get("kind").map(String::as_str) {
         Some(ipxe::KIND_KERNEL) => BootStage::HttpKernel,
         Some(ipxe::KIND_INITRD) => BootStage::HttpInitrd,
         _ => BootStage::HttpAsset,
     };
-    let opened = match assets::decode_path(&raw_path) {
+    let bytes_counter = state.metrics.asset_bytes.clone();
+    let headers = req.into_parts().0.headers;
+    let served = match assets::decode_path(&raw_path) {
         // Templates are only served rendered, for the machine holding the token.
         Ok(rel) if rel.starts_with(templates::TEMPLATE_DIR) => Err(assets::PathError::NotFound),
-        Ok(rel) => assets::open_in_root(&state.root, &rel)
+        Ok(rel) => {
+            let shown = format!("/{}", rel.display());
+            assets::serve_file(
+                state.root.clone(),
+                rel,
+                method.clone(),
+                headers,
+                shown,
+                move |n| {
+                    bytes_counter.inc_by(n as u64);
+                },
+            )
             .await
-            .map(|o| (o, rel)),
+        }
         Err(e) => Err(e),
     };
-    let ((file, meta, full), rel) = match opened {
-        Ok(o) => o,
+    let (resp, served) = match served {
+        Ok(s) => s,
         Err(e) => {
             tracing::info!(path = %raw_path, ?peer, "asset: {e}");
             if let Some(mac) = mac
@@ -755,26 +795,6 @@ async fn asset(
             return text_response(e.status(), format!("{e}\n"));
         }
     };
-    let shown = format!("/{}", rel.display());
-    let metrics = state.metrics.clone();
-    let bytes_counter = metrics
-        .bytes
-        .get_or_create(&RouteLabels {
-            route: "asset".into(),
-        })
-        .clone();
-    let (resp, served) = assets::file_response(
-        &method,
-        req.headers(),
-        file,
-        &meta,
-        &full,
-        &shown,
-        move |n| {
-            bytes_counter.inc_by(n as u64);
-        },
-    )
-    .await;
     let serving = served.status == StatusCode::OK || served.status == StatusCode::PARTIAL_CONTENT;
     match mac {
         Some(mac) if method == Method::GET && serving => {
@@ -784,7 +804,7 @@ async fn asset(
         Some(mac) if served.status.is_server_error() => {
             state.events.emit(mac, BootStage::HttpError, served.detail)
         }
-        _ => tracing::debug!(path = %shown, status = %served.status, "asset"),
+        _ => tracing::debug!(detail = %served.detail, status = %served.status, "asset"),
     }
     resp
 }

@@ -132,6 +132,6 @@ impl Listener for TlsListener {
 
 impl Connected<IncomingStream<'_, TlsListener>> for ClientAddr {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
+        ClientAddr::new(*stream.remote_addr())
     }
 }

@@ -285,15 +285,12 @@ impl Policy {
     }
 }
 
-/// Choose the plan for one client with no remembered state (see [`plan_with_state`]).
-pub fn plan(policy: &Policy, facts: &ClientFacts, server: &ServerAddrs) -> BootPlan {
-    plan_with_state(policy, facts, &BootState::default(), server)
-}
-
-/// Choose the plan for one client. Pure: same inputs, same plan. A one-shot profile whose
-/// stage is in `state` becomes [`BootTarget::Local`] (the profile name is kept, the reason
-/// says why).
-pub fn plan_with_state(
+/// Choose the plan for one client. Pure: same inputs, same plan. DHCP, TFTP and HTTP all call
+/// it with the machine's remembered `state`, so that they agree: a one-shot profile whose stage
+/// is in `state` becomes [`BootTarget::Local`] everywhere (the profile name is kept, the reason
+/// says why), and no path (DHCP boot file, TFTP loader config, iPXE script) sends a finished
+/// machine back into its installer.
+pub fn plan(
     policy: &Policy,
     facts: &ClientFacts,
     state: &BootState,
@@ -303,20 +300,24 @@ pub fn plan_with_state(
     let labels = machine.map(|m| m.labels.clone()).unwrap_or_default();
     let hostname = machine.and_then(|m| m.hostname.clone());
 
-    let (profile, mut reason) = choose_profile(policy, facts, machine, &labels);
-    let done = profile
-        .as_deref()
-        .and_then(|p| policy.one_shot_stage(p))
-        .filter(|stage| state.has_reached(stage));
-    let target = match (profile.as_deref().and_then(|p| policy.profile(p)), done) {
-        (Some(_), Some(stage)) => {
-            reason = format!("{reason}; one-shot, done ({stage} reported): booting locally");
-            BootTarget::Local
-        }
-        (Some(t), None) => t.clone(),
-        (None, _) => BootTarget::Ignore {
-            reason: "no group matched and there is no `default` profile".into(),
+    let (profile, reason) = choose_profile(policy, facts, machine, &labels);
+    let (target, reason) = match profile.as_deref() {
+        Some(name) => match profile_target(policy, name, state) {
+            Some((target, Some(done))) => (target, format!("{reason}; {done}")),
+            Some((target, None)) => (target, reason),
+            None => (
+                BootTarget::Ignore {
+                    reason: format!("profile `{name}` does not exist"),
+                },
+                reason,
+            ),
         },
+        None => (
+            BootTarget::Ignore {
+                reason: "no group matched and there is no `default` profile".into(),
+            },
+            reason,
+        ),
     };
     let dhcp = dhcp_boot(policy, facts, server, &target);
     let tftp_root = profile
@@ -331,6 +332,27 @@ pub fn plan_with_state(
         dhcp,
         labels,
         hostname,
+    }
+}
+
+/// What profile `name` boots for a machine in `state`: its target, or [`BootTarget::Local`]
+/// when it is one-shot and done, with the reason for that (`None` when the profile boots as
+/// configured). `None` when there is no such profile. Used by [`plan`] and by the HTTP side
+/// when a client picks a profile from a menu.
+pub fn profile_target(
+    policy: &Policy,
+    name: &str,
+    state: &BootState,
+) -> Option<(BootTarget, Option<String>)> {
+    let target = policy.profile(name)?;
+    match policy.one_shot_stage(name) {
+        Some(stage) if state.has_reached(stage) => Some((
+            BootTarget::Local,
+            Some(format!(
+                "one-shot, done ({stage} reported): booting locally"
+            )),
+        )),
+        _ => Some((target.clone(), None)),
     }
 }
 

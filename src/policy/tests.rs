@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// The plan of a machine with no remembered state (most decisions do not depend on it).
+fn plan(policy: &Policy, facts: &ClientFacts, server: &ServerAddrs) -> BootPlan {
+    super::plan(policy, facts, &BootState::default(), server)
+}
+
 fn policy(toml_text: &str) -> Policy {
     let cfg: PolicyConfig = toml::from_str(toml_text).unwrap();
     cfg.validate().unwrap()
@@ -302,7 +307,7 @@ match = { mac = ["52:54:00"] }
 "#,
     );
     let f = facts("52:54:00:00:00:01", Some(0), true);
-    let fresh = plan_with_state(&p, &f, &BootState::default(), &SERVER);
+    let fresh = super::plan(&p, &f, &BootState::default(), &SERVER);
     assert!(
         matches!(fresh.target, BootTarget::Kernel { .. }),
         "{fresh:?}"
@@ -311,12 +316,12 @@ match = { mac = ["52:54:00"] }
     let other = BootState {
         reached: vec!["os.custom-thing".into()],
     };
-    let still = plan_with_state(&p, &f, &other, &SERVER);
+    let still = super::plan(&p, &f, &other, &SERVER);
     assert!(matches!(still.target, BootTarget::Kernel { .. }));
     let done = BootState {
         reached: vec!["os.installed".into()],
     };
-    let after = plan_with_state(&p, &f, &done, &SERVER);
+    let after = super::plan(&p, &f, &done, &SERVER);
     assert_eq!(after.target, BootTarget::Local);
     assert_eq!(after.profile, "install");
     assert!(

@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::fs::{FileSource, TftpFile, TftpFileError, sanitize};
+use crate::http::boot_state::{BootStateStore, MemoryBootStates};
 use crate::mac::MacAddr;
 use crate::policy::{BootPlan, BootTarget, ClientFacts, Policy, ServerAddrs, plan};
 
@@ -136,6 +137,9 @@ pub struct PolicyFiles {
     policy: Arc<Policy>,
     server: ServerAddrs,
     uuids: Mutex<HashMap<IpAddr, (String, Instant)>>,
+    /// One-shot boot state shared with DHCP and HTTP: a machine that finished its one-shot
+    /// profile gets a local-boot config, not its installer again.
+    boot_states: Arc<dyn BootStateStore>,
 }
 
 impl PolicyFiles {
@@ -146,7 +150,14 @@ impl PolicyFiles {
             policy,
             server,
             uuids: Mutex::default(),
+            boot_states: Arc::new(MemoryBootStates::default()),
         }
+    }
+
+    /// Plan with the one-shot state in `store` (the one HTTP records phone-home reports in).
+    pub fn with_boot_states(mut self, store: Arc<dyn BootStateStore>) -> Self {
+        self.boot_states = store;
+        self
     }
 
     fn remember_uuid(&self, ip: IpAddr, uuid: String, now: Instant) {
@@ -189,7 +200,8 @@ impl PolicyFiles {
                     },
                     ..ClientFacts::default()
                 };
-                let plan = plan(&self.policy, &facts, &self.server);
+                let state = self.boot_states.get(&mac);
+                let plan = plan(&self.policy, &facts, &state, &self.server);
                 match loader {
                     Loader::Pxelinux => render_pxelinux(&plan, &mac),
                     Loader::Grub => render_grub(&plan, &mac),

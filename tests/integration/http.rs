@@ -1057,7 +1057,7 @@ fn install_root() -> tempfile::TempDir {
     .unwrap();
     std::fs::write(
         root.join("templates/cloud/meta-data"),
-        "instance-id: {{ mac_hyphen }}\nlocal-ipv4: {{ ip }}\n",
+        "instance-id: {{ mac_hyphen }}\nlocal-ipv4: {{ ip }}\nsmbios-uuid: {{ uuid }}\n",
     )
     .unwrap();
     std::fs::write(
@@ -1094,8 +1094,13 @@ async fn templates_tokens_and_one_shot_install() {
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.text().contains("not 52:54:00:aa:00:02"), "{}", r.text());
 
-    // Our own: the installer, with the command line rendered from the facts.
-    let r = curl(&[&script_url(MAC_A)]).await;
+    // Our own: the installer, with the command line rendered from the facts. iPXE fills in
+    // `${uuid}`; the template requests carry no UUID, pxed remembers it from here.
+    let r = curl(&[&format!(
+        "{}&uuid=8A3B1C2D-0000-4000-8000-0123456789AB",
+        script_url(MAC_A)
+    )])
+    .await;
     assert_eq!(r.status, 200);
     let script = r.text();
     let preseed = kernel_arg(&script, "url=");
@@ -1127,7 +1132,8 @@ async fn templates_tokens_and_one_shot_install() {
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "instance-id: 52-54-00-aa-00-01\nlocal-ipv4: 127.0.0.1\n"
+        "instance-id: 52-54-00-aa-00-01\nlocal-ipv4: 127.0.0.1\n\
+         smbios-uuid: 8a3b1c2d-0000-4000-8000-0123456789ab\n"
     );
     assert_eq!(
         curl(&[&format!("{seed}user-data")]).await.text(),

@@ -13,6 +13,7 @@ mod http;
 mod lab_boot;
 mod lab_matrix;
 mod lab_quirks;
+mod one_shot;
 mod tftp;
 mod tftp_netboot;
 mod vm_images;

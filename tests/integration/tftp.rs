@@ -1018,7 +1018,12 @@ profile = "installer"
             mac: plan_mac(ip)?,
             ..Default::default()
         };
-        Some(pxed::policy::plan(&policy, &facts, &addrs))
+        Some(pxed::policy::plan(
+            &policy,
+            &facts,
+            &pxed::policy::BootState::default(),
+            &addrs,
+        ))
     });
     let main_source = server::root_source(&cfg.tftp, cfg.server.root.clone()).unwrap();
     let files = Arc::new(

@@ -1156,3 +1156,51 @@ fn an_expired_client_comes_back_to_its_address() {
     assert_ne!(decode(&at(&mut e, &other.packet(), later)).yiaddr, ip);
     assert_eq!(decode(&at(&mut e, &c.packet(), later)).yiaddr, ip);
 }
+
+/// A one-shot profile that hands the firmware a loader directly: once the machine reported the
+/// stage, DHCP must not send it to that loader (its installer) again, but to iPXE, whose
+/// script then boots the local disk (the same plan HTTP and TFTP make).
+#[test]
+fn finished_one_shot_machine_is_not_sent_to_its_loader_again() {
+    let cfg: PolicyConfig = toml::from_str(
+        "[[profile]]\nname = \"default\"\nnbp = \"grub/core.efi\"\none_shot = \"os.installed\"\n",
+    )
+    .unwrap();
+    let states = Arc::new(crate::http::MemoryBootStates::default());
+    let config = DhcpConfig {
+        mode: DhcpMode::Proxy,
+        subnet: vec![subnet([10, 0, 0, 0])],
+        ..Default::default()
+    };
+    let mut e = DhcpEngine::new(config, Arc::new(cfg.validate().unwrap()), 8080, Vec::new())
+        .with_boot_states(states.clone());
+    let c = Client::edk2();
+    let p = decode(&send(&mut e, &c.packet(), Port::Dhcp));
+    assert_eq!(p.file, b"grub/core.efi");
+    // Another machine's state does not count.
+    states
+        .record(MacAddr([0x52, 0x54, 0, 0, 0, 9]), "os.installed")
+        .unwrap();
+    let p = decode(&send(&mut e, &c.packet(), Port::Dhcp));
+    assert_eq!(p.file, b"grub/core.efi");
+    states.record(MacAddr(c.mac), "os.installed").unwrap();
+    let p = decode(&send(&mut e, &c.packet(), Port::Dhcp));
+    assert_eq!(p.file, b"snponly.efi", "iPXE, whose script boots locally");
+    // Forgetting the state (DELETE /api/machines/{mac}/state) installs again.
+    states.clear(&MacAddr(c.mac)).unwrap();
+    let p = decode(&send(&mut e, &c.packet(), Port::Dhcp));
+    assert_eq!(p.file, b"grub/core.efi");
+}
+
+#[test]
+fn option_97_uuid_is_remembered_for_templates() {
+    let uuids = Arc::new(UuidMemory::default());
+    let mut e = engine(DhcpMode::Proxy).with_uuid_memory(uuids.clone());
+    let c = Client::edk2();
+    send(&mut e, &c.packet(), Port::Dhcp);
+    assert_eq!(
+        uuids.get(&MacAddr(c.mac)).as_deref(),
+        Some("abababab-abab-abab-abab-abababababab")
+    );
+    assert_eq!(uuids.get(&MacAddr(Client::plain().mac)), None);
+}

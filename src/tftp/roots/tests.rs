@@ -77,7 +77,12 @@ profile = "installer"
             mac,
             ..ClientFacts::default()
         };
-        Some(plan(&lookup_policy, &facts, &SERVER))
+        Some(plan(
+            &lookup_policy,
+            &facts,
+            &crate::policy::BootState::default(),
+            &SERVER,
+        ))
     });
     let roots = ProfileRoots::new(main_source, &policy, &TftpConfig::default(), plan_of).unwrap();
     Setup { _tmp: tmp, roots }

@@ -14,6 +14,11 @@ fn policy(toml_text: &str) -> Arc<Policy> {
     Arc::new(cfg.validate().unwrap())
 }
 
+/// The plan of a machine with no remembered state.
+fn plan(policy: &Policy, facts: &ClientFacts, server: &ServerAddrs) -> BootPlan {
+    crate::policy::plan(policy, facts, &crate::policy::BootState::default(), server)
+}
+
 fn server() -> ServerAddrs {
     ServerAddrs {
         ip: Ipv4Addr::new(10, 0, 0, 1),
@@ -281,4 +286,34 @@ fn uuid_memory_is_bounded() {
         files.remember_uuid(IpAddr::V4(Ipv4Addr::from(i)), UUID.into(), now);
     }
     assert!(files.uuids.lock().unwrap().len() <= UUID_MEMORY_ENTRIES);
+}
+
+/// A machine that finished its one-shot install gets a local-boot config from pxelinux and
+/// GRUB, not the installer again: TFTP plans with the boot state HTTP records.
+#[test]
+fn finished_one_shot_machine_gets_a_local_boot_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("pxelinux.cfg")).unwrap();
+    let root: Arc<dyn FileSource> = Arc::new(RootSource::new(dir.path(), false, &[]).unwrap());
+    let p = policy(
+        "[[profile]]\nname = \"default\"\nkernel = \"debian/linux\"\none_shot = \"os.installed\"\n",
+    );
+    let states = Arc::new(crate::http::MemoryBootStates::default());
+    let files = PolicyFiles::new(root, p, server()).with_boot_states(states.clone());
+    let peer: SocketAddr = "10.0.0.50:2000".parse().unwrap();
+    let pxelinux = "pxelinux.cfg/01-52-54-00-12-34-56";
+    let grub = "grub/grub.cfg-01-52-54-00-12-34-56";
+    assert!(text(files.open(peer, pxelinux)).contains("KERNEL ::debian/linux"));
+    assert!(text(files.open(peer, grub)).contains("linux "));
+    states.record(MAC, "os.installed").unwrap();
+    let done = text(files.open(peer, pxelinux));
+    assert!(!done.contains("KERNEL"), "{done}");
+    assert!(done.contains("LOCALBOOT"), "{done}");
+    assert!(done.contains("one-shot, done (os.installed"), "{done}");
+    let done = text(files.open(peer, grub));
+    assert!(!done.contains("linux "), "{done}");
+    assert!(done.ends_with("exit\n"), "{done}");
+    // Another machine still installs.
+    let other = text(files.open(peer, "pxelinux.cfg/01-52-54-00-99-99-99"));
+    assert!(other.contains("KERNEL ::debian/linux"), "{other}");
 }
