@@ -9,7 +9,7 @@ use pxelab::durability::{DurabilityOptions, run_durability};
 
 use crate::require_root;
 
-/// One power cut under load (two VM boots: ~70 s under TCG): after the reboot, every lease
+/// One power cut under load (two VM boots: 75-150 s under TCG): after the reboot, every lease
 /// whose ACK left the VM is on its disk with the acknowledged address, and no address belongs
 /// to two MACs.
 #[test]
