@@ -9,48 +9,62 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// TFTP and HTTP requests carry no MAC, but their events are keyed on one.
 pub type MacLookup = std::sync::Arc<dyn Fn(std::net::IpAddr) -> Option<MacAddr> + Send + Sync>;
 
-/// Most machines whose UUID [`UuidMemory`] keeps: a lab or a rack, with room; beyond it the
-/// machine heard from longest ago is forgotten (a flood of made-up MACs cannot grow it).
-pub const MAX_REMEMBERED_UUIDS: usize = 4096;
+/// Most machines a [`MacMemory`] keeps: a lab or a rack, with room; beyond it the machine heard
+/// from longest ago is forgotten (a flood of made-up MACs cannot grow it).
+pub const MAX_REMEMBERED_MACHINES: usize = 4096;
 
-/// The SMBIOS UUID each machine last announced, by MAC: DHCP option 97 as the DHCP engine saw
-/// it, or iPXE's `${uuid}` in a script request. Template requests (preseed, kickstart,
-/// cloud-init) carry neither, so their `uuid` fact comes from here. The UUID is what the
-/// client claims, like its MAC: a fact for templates, not a credential.
-#[derive(Debug, Default)]
-pub struct UuidMemory {
-    inner: std::sync::Mutex<UuidMap>,
+/// What each machine last announced about itself, by MAC, bounded by
+/// [`MAX_REMEMBERED_MACHINES`]. DHCP sees facts that later requests of the same boot do not
+/// carry (TFTP and template requests carry neither a UUID nor an architecture), so the DHCP
+/// engine remembers them here and TFTP and HTTP look them up. What is remembered is what the
+/// client claims, like its MAC: facts for choosing a plan, not credentials.
+#[derive(Debug)]
+pub struct MacMemory<T> {
+    inner: std::sync::Mutex<MacMap<T>>,
 }
 
-#[derive(Debug, Default)]
-struct UuidMap {
-    /// MAC to (UUID, number of the last announcement).
-    by_mac: std::collections::HashMap<MacAddr, (String, u64)>,
+#[derive(Debug)]
+struct MacMap<T> {
+    /// MAC to (value, number of the last announcement).
+    by_mac: std::collections::HashMap<MacAddr, (T, u64)>,
     /// Number of the next announcement.
     next: u64,
 }
 
-impl UuidMemory {
-    fn lock(&self) -> std::sync::MutexGuard<'_, UuidMap> {
+impl<T> Default for MacMemory<T> {
+    fn default() -> Self {
+        MacMemory {
+            inner: std::sync::Mutex::new(MacMap {
+                by_mac: std::collections::HashMap::new(),
+                next: 0,
+            }),
+        }
+    }
+}
+
+/// The SMBIOS UUID each machine last announced: DHCP option 97 as the DHCP engine saw it, or
+/// iPXE's `${uuid}` in a script request (text `8-4-4-4-12`, lower case). Template requests
+/// (preseed, kickstart, cloud-init) carry neither, so their `uuid` fact comes from here.
+pub type UuidMemory = MacMemory<String>;
+
+impl<T: Clone> MacMemory<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MacMap<T>> {
         match self.inner.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// `mac` announced `uuid` (text `8-4-4-4-12`, lower case).
-    pub fn remember(&self, mac: MacAddr, uuid: &str) {
+    /// `mac` announced `value`.
+    pub fn remember(&self, mac: MacAddr, value: impl Into<T>) {
         let mut map = self.lock();
         let seq = map.next;
         map.next = seq.wrapping_add(1);
         if let Some(entry) = map.by_mac.get_mut(&mac) {
-            if entry.0 != uuid {
-                entry.0 = uuid.to_string();
-            }
-            entry.1 = seq;
+            *entry = (value.into(), seq);
             return;
         }
-        if map.by_mac.len() >= MAX_REMEMBERED_UUIDS
+        if map.by_mac.len() >= MAX_REMEMBERED_MACHINES
             && let Some(oldest) = map
                 .by_mac
                 .iter()
@@ -59,12 +73,12 @@ impl UuidMemory {
         {
             map.by_mac.remove(&oldest);
         }
-        map.by_mac.insert(mac, (uuid.to_string(), seq));
+        map.by_mac.insert(mac, (value.into(), seq));
     }
 
-    /// The UUID `mac` last announced, if any.
-    pub fn get(&self, mac: &MacAddr) -> Option<String> {
-        self.lock().by_mac.get(mac).map(|(u, _)| u.clone())
+    /// What `mac` last announced, if anything.
+    pub fn get(&self, mac: &MacAddr) -> Option<T> {
+        self.lock().by_mac.get(mac).map(|(v, _)| v.clone())
     }
 }
 
@@ -167,7 +181,7 @@ mod tests {
             Some("00000000-0000-4000-8000-000000000002")
         );
         // Fill it: `a` announced first, so it is the one forgotten when one more arrives.
-        for i in 1..MAX_REMEMBERED_UUIDS as u32 {
+        for i in 1..MAX_REMEMBERED_MACHINES as u32 {
             let [_, b, c, d] = i.to_be_bytes();
             mem.remember(MacAddr([6, 0, 0, b, c, d]), "x");
         }

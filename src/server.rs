@@ -184,6 +184,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     // The UUID each client announced, seen by DHCP (option 97) and HTTP (iPXE `${uuid}`), for
     // the templates of that machine.
     let uuids = Arc::new(crate::mac::UuidMemory::default());
+    // Each machine's firmware architecture and vendor class, seen by DHCP, for the TFTP
+    // requests of its boot loader (which carry only the MAC).
+    let firmware = Arc::new(crate::policy::FirmwareMemory::default());
 
     let mut tasks = tokio::task::JoinSet::new();
     let dhcp_counters = crate::dhcp::limits::DhcpCounters::default();
@@ -206,7 +209,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let engine = Arc::new(Mutex::new(
             DhcpEngine::new(cfg.dhcp.clone(), policy.clone(), cfg.http.port, leases)
                 .with_boot_states(boot_states.clone())
-                .with_uuid_memory(uuids.clone()),
+                .with_uuid_memory(uuids.clone())
+                .with_firmware_memory(firmware.clone()),
         ));
         engine_for_lookup = Some(engine.clone());
         engine_for_reload = Some(engine.clone());
@@ -264,11 +268,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 http_port: cfg.http.port,
             };
             let plan_states = boot_states.clone();
+            let plan_firmware = firmware.clone();
             let plan_of: tftp::roots::PlanLookup = Arc::new(move |ip: IpAddr| {
+                let mac = plan_mac(ip)?;
                 let facts = ClientFacts {
-                    mac: plan_mac(ip)?,
+                    mac,
                     ..ClientFacts::default()
-                };
+                }
+                .with_firmware(plan_firmware.get(&mac));
                 let state = plan_states.get(&facts.mac);
                 Some(plan(&plan_policy, &facts, &state, &addrs))
             });
@@ -288,7 +295,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     http_port: cfg.http.port,
                 },
             )
-            .with_boot_states(boot_states.clone()),
+            .with_boot_states(boot_states.clone())
+            .with_firmware_memory(firmware.clone()),
         );
         let bind = SocketAddr::from((server_ip, cfg.tftp.port));
         let tftp = tftp::server::TftpServer::bind(

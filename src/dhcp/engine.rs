@@ -16,7 +16,9 @@ use crate::events::BootEvent;
 use crate::http::boot_state::{BootStateStore, MemoryBootStates};
 use crate::mac::MacAddr;
 use crate::mac::UuidMemory;
-use crate::policy::{self, ClientFacts, DhcpBoot, Policy, ServerAddrs};
+use crate::policy::{
+    self, ClientFacts, DhcpBoot, FirmwareFacts, FirmwareMemory, Policy, ServerAddrs,
+};
 use crate::stage::BootStage;
 
 /// The DHCP server port (RFC 2131 4.1).
@@ -187,6 +189,8 @@ pub struct DhcpEngine {
     boot_states: Arc<dyn BootStateStore>,
     /// Where the option 97 UUIDs clients send are kept for HTTP's template facts.
     uuids: Arc<UuidMemory>,
+    /// Where non-iPXE clients' architecture and vendor class are kept for TFTP's config files.
+    firmware: Arc<FirmwareMemory>,
 }
 
 struct Ctx<'a> {
@@ -238,7 +242,15 @@ impl DhcpEngine {
             probed_free: HashMap::new(),
             boot_states: Arc::new(MemoryBootStates::default()),
             uuids: Arc::new(UuidMemory::default()),
+            firmware: Arc::new(FirmwareMemory::default()),
         }
+    }
+
+    /// Keep every non-iPXE client's architecture and vendor class in `firmware`, where TFTP
+    /// finds them when the boot loader asks for its config file.
+    pub fn with_firmware_memory(mut self, firmware: Arc<FirmwareMemory>) -> DhcpEngine {
+        self.firmware = firmware;
+        self
     }
 
     /// Keep the UUID (option 97) of every client in `uuids`, where HTTP finds it for the
@@ -331,6 +343,17 @@ impl DhcpEngine {
         // Q5: a server that knows only 7 as x64 UEFI treats 9 as unknown: the default program.
         if !self.config.arch_9_is_x64 && facts.arch_code == Some(ARCH_EFI_X86_64_RFC4578) {
             facts.arch_code = None;
+        }
+        // A pxelinux or GRUB loaded by this firmware asks for its config over TFTP with only
+        // its MAC: keep what the firmware said (iPXE's own requests would mask it).
+        if !facts.is_ipxe {
+            self.firmware.remember(
+                mac,
+                FirmwareFacts {
+                    arch_code: facts.arch_code,
+                    vendor_class: facts.vendor_class.clone(),
+                },
+            );
         }
         let mut ctx = Ctx {
             rx,

@@ -40,7 +40,31 @@ pub struct ClientFacts {
     pub relay: Option<Ipv4Addr>,
 }
 
+/// What a machine's firmware said about itself in its last DHCP request that was not iPXE's:
+/// the facts a boot loader that speaks only TFTP (pxelinux, GRUB) does not repeat when it asks
+/// for its config file, so that the config is rendered for the same plan DHCP chose.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FirmwareFacts {
+    /// Option 93 (or option 60's arch digits), as the DHCP engine used it.
+    pub arch_code: Option<u16>,
+    /// Option 60 as sent.
+    pub vendor_class: Option<String>,
+}
+
+/// [`FirmwareFacts`] by MAC, kept by the DHCP engine for TFTP.
+pub type FirmwareMemory = crate::mac::MacMemory<FirmwareFacts>;
+
 impl ClientFacts {
+    /// These facts with the firmware's own (architecture, vendor class) from `firmware`: for
+    /// a request (a TFTP config file) that carries only the MAC.
+    pub fn with_firmware(mut self, firmware: Option<FirmwareFacts>) -> Self {
+        if let Some(f) = firmware {
+            self.arch_code = f.arch_code;
+            self.vendor_class = f.vendor_class;
+        }
+        self
+    }
+
     /// The decoded architecture, or `None` when the code is missing or not in the registry.
     pub fn arch(&self) -> Option<ClientArch> {
         self.arch_code.and_then(ClientArch::from_code)

@@ -27,8 +27,10 @@
 //!   "run the tree as it is", or `ignore`, or an iPXE-only target such as `script`, `chain`,
 //!   `menu` and `sanboot`), the virtual name does not exist and the tree's own files apply.
 //!
-//! The MAC comes from the file name itself (the loader says who it is). Facts the loader does
-//! not send (architecture, vendor class) are unknown; the client is known not to be iPXE. A
+//! The MAC comes from the file name itself (the loader says who it is). The architecture and
+//! vendor class are the ones the machine's firmware sent in its last DHCP request (the loader
+//! itself sends neither; without a DHCP request seen they are unknown); the client is known not
+//! to be iPXE. A
 //! `pxelinux.cfg/<uuid>` request just before is remembered per client address, so groups that
 //! match on the UUID work for pxelinux too.
 //!
@@ -53,7 +55,7 @@ use bytes::Bytes;
 use super::fs::{FileSource, TftpFile, TftpFileError, sanitize};
 use crate::http::boot_state::{BootStateStore, MemoryBootStates};
 use crate::mac::MacAddr;
-use crate::policy::{BootPlan, BootTarget, ClientFacts, Policy, ServerAddrs, plan};
+use crate::policy::{BootPlan, BootTarget, ClientFacts, FirmwareMemory, Policy, ServerAddrs, plan};
 
 /// The directory pxelinux reads its configs from.
 const PXELINUX_DIR: &str = "pxelinux.cfg";
@@ -140,6 +142,9 @@ pub struct PolicyFiles {
     /// One-shot boot state shared with DHCP and HTTP: a machine that finished its one-shot
     /// profile gets a local-boot config, not its installer again.
     boot_states: Arc<dyn BootStateStore>,
+    /// What each machine's firmware told DHCP (architecture, vendor class): the loader's config
+    /// request carries only the MAC, and an arm64 GRUB must get the arm64 plan.
+    firmware: Arc<FirmwareMemory>,
 }
 
 impl PolicyFiles {
@@ -151,7 +156,14 @@ impl PolicyFiles {
             server,
             uuids: Mutex::default(),
             boot_states: Arc::new(MemoryBootStates::default()),
+            firmware: Arc::new(FirmwareMemory::default()),
         }
+    }
+
+    /// Plan with the architecture and vendor class the DHCP engine kept in `firmware`.
+    pub fn with_firmware_memory(mut self, firmware: Arc<FirmwareMemory>) -> Self {
+        self.firmware = firmware;
+        self
     }
 
     /// Plan with the one-shot state in `store` (the one HTTP records phone-home reports in).
@@ -199,7 +211,8 @@ impl PolicyFiles {
                         Loader::Grub => None,
                     },
                     ..ClientFacts::default()
-                };
+                }
+                .with_firmware(self.firmware.get(&mac));
                 let state = self.boot_states.get(&mac);
                 let plan = plan(&self.policy, &facts, &state, &self.server);
                 match loader {

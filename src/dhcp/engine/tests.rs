@@ -1204,3 +1204,25 @@ fn option_97_uuid_is_remembered_for_templates() {
     );
     assert_eq!(uuids.get(&MacAddr(Client::plain().mac)), None);
 }
+
+#[test]
+fn firmware_arch_is_remembered_for_tftp_but_not_from_ipxe() {
+    let firmware = Arc::new(FirmwareMemory::default());
+    let mut e = engine(DhcpMode::Proxy).with_firmware_memory(firmware.clone());
+    let c = Client::edk2();
+    send(&mut e, &c.packet(), Port::Dhcp);
+    let f = firmware.get(&MacAddr(c.mac)).unwrap();
+    assert_eq!(f.arch_code, Some(7));
+    assert_eq!(
+        f.vendor_class.as_deref(),
+        Some("PXEClient:Arch:00007:UNDI:003000")
+    );
+    // iPXE's own DHCP does not replace what the firmware said.
+    let ipxe = Client {
+        mac: c.mac,
+        ..Client::bios_ipxe()
+    };
+    send(&mut e, &ipxe.packet(), Port::Dhcp);
+    assert_eq!(firmware.get(&MacAddr(c.mac)).unwrap().arch_code, Some(7));
+    assert_eq!(firmware.get(&MacAddr(Client::bios_ipxe().mac)), None);
+}

@@ -317,3 +317,44 @@ fn finished_one_shot_machine_gets_a_local_boot_config() {
     let other = text(files.open(peer, "pxelinux.cfg/01-52-54-00-99-99-99"));
     assert!(other.contains("KERNEL ::debian/linux"), "{other}");
 }
+
+/// GRUB asks for `grub.cfg-01-<mac>` with nothing but its MAC: the config follows the plan for
+/// the architecture the machine's firmware told DHCP (an arm64 GRUB gets the arm64 kernel).
+#[test]
+fn grub_config_follows_the_architecture_the_firmware_sent_to_dhcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let root: Arc<dyn FileSource> = Arc::new(RootSource::new(dir.path(), false, &[]).unwrap());
+    let p = policy(
+        r#"
+[[profile]]
+name = "arm"
+kernel = "arm64/linux"
+
+[[group]]
+name = "arm64"
+profile = "arm"
+match = { arch = [11] }
+
+[[profile]]
+name = "default"
+kernel = "x86/linux"
+"#,
+    );
+    let firmware = Arc::new(FirmwareMemory::default());
+    let files = PolicyFiles::new(root, p, server()).with_firmware_memory(firmware.clone());
+    let peer: SocketAddr = "10.0.0.60:2000".parse().unwrap();
+    let name = "grub/grub.cfg-01-52-54-00-12-34-56";
+    // No DHCP request seen: the default plan.
+    assert!(text(files.open(peer, name)).contains("x86/linux"));
+    firmware.remember(
+        MAC,
+        crate::policy::FirmwareFacts {
+            arch_code: Some(11),
+            vendor_class: Some("PXEClient:Arch:00011:UNDI:003000".into()),
+        },
+    );
+    let cfg = text(files.open(peer, name));
+    assert!(cfg.contains("arm64/linux"), "{cfg}");
+    // Another machine is not affected.
+    assert!(text(files.open(peer, "grub/grub.cfg-01-52-54-00-99-99-99")).contains("x86/linux"));
+}
