@@ -14,7 +14,7 @@
 //! only logged, because events are keyed on MACs.
 
 use std::ffi::OsStr;
-use std::future::Future;
+use std::io::SeekFrom;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -26,11 +26,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
 
 /// Read size per chunk of a streamed file. Each read is a trip to tokio's blocking pool, so
 /// bigger chunks mean fewer trips (64 KiB measured below nginx on 100 concurrent range
-/// readers, BENCHMARKS.md). With one read ahead a stream holds two chunks, so at the default
-/// cap of 1024 connections the buffers stay <= 512 MiB.
+/// readers, BENCHMARKS.md); at the default cap of 1024 connections the buffers stay <= 256 MiB.
 pub const STREAM_CHUNK: usize = 256 * 1024;
 /// Bodies up to this size are read with one positioned read on the blocking pool and sent as
 /// one buffer: a range reader (iPXE `sanboot`, many clients fetching image pieces) then costs one
@@ -448,7 +449,7 @@ enum Prepared {
 
 /// Serve `rel` under `root`: resolving, opening, checking, deciding and (for bodies up to
 /// [`SINGLE_READ_MAX`]) reading happen in one trip to the blocking pool; larger bodies are
-/// streamed in [`STREAM_CHUNK`] reads with one read ahead. Never reads a large file whole.
+/// streamed in [`STREAM_CHUNK`] reads. Never reads a large file whole.
 /// `Err` when the path is not served; `on_chunk` is called with every body chunk's length.
 pub async fn serve_file(
     root: PathBuf,
@@ -499,12 +500,41 @@ pub async fn serve_file(
             (decision, body)
         }
         Prepared::Stream(decision, file, start, count) => {
-            let chunks = FileChunks::new(file, start, count).map(move |chunk| {
-                if let Ok(c) = &chunk {
-                    on_chunk(c.len());
-                }
-                chunk
-            });
+            let mut file = tokio::fs::File::from_std(file);
+            if start > 0
+                && let Err(e) = file.seek(SeekFrom::Start(start)).await
+            {
+                return Ok(read_failed(
+                    Path::new(&shown_here),
+                    &shown_here,
+                    &e.to_string(),
+                ));
+            }
+            // tokio's file reads into one buffer it keeps, which measured cheaper per GiB for
+            // one stream than a buffer per chunk. A file that ends early ends the stream with
+            // an error, never a short body under a promised Content-Length.
+            let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let counted = sent.clone();
+            let chunks = ReaderStream::with_capacity(file.take(count), STREAM_CHUNK)
+                .map(move |chunk| {
+                    if let Ok(c) = &chunk {
+                        on_chunk(c.len());
+                        counted.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    chunk
+                })
+                .chain(futures_util::stream::once(async move {
+                    let got = sent.load(std::sync::atomic::Ordering::Relaxed);
+                    if got < count {
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("the file shrank while being served: {got} of {count} bytes"),
+                        ))
+                    } else {
+                        Ok(Bytes::new())
+                    }
+                }))
+                .filter(|c| std::future::ready(!matches!(c, Ok(b) if b.is_empty())));
             (decision, Body::from_stream(chunks))
         }
     };
@@ -523,85 +553,6 @@ pub async fn serve_file(
 fn read_range(file: &std::fs::File, start: u64, count: u64) -> std::io::Result<Bytes> {
     let len = usize::try_from(count).map_err(std::io::Error::other)?;
     super::buffers::read_at(file, start, len)
-}
-
-/// A byte range of a file as a stream of [`STREAM_CHUNK`] reads on the blocking pool. The
-/// next read starts as soon as a chunk is handed over, so the disk (or page cache) copy of
-/// chunk n+1 overlaps the socket write of chunk n. At most one read is in flight; each is a
-/// positioned read at its own offset, so the descriptor's position does not matter.
-struct FileChunks {
-    file: Arc<std::fs::File>,
-    /// Where the next read starts.
-    next: u64,
-    /// One past the last byte to send.
-    end: u64,
-    reading: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
-    failed: bool,
-}
-
-impl FileChunks {
-    fn new(file: std::fs::File, start: u64, count: u64) -> Self {
-        FileChunks {
-            file: Arc::new(file),
-            next: start,
-            end: start.saturating_add(count),
-            reading: None,
-            failed: false,
-        }
-    }
-
-    /// Start the next read, if any bytes are left.
-    fn start_read(&mut self) {
-        if self.next >= self.end || self.reading.is_some() {
-            return;
-        }
-        let count = (self.end - self.next).min(STREAM_CHUNK as u64);
-        let start = self.next;
-        self.next += count;
-        let file = self.file.clone();
-        self.reading = Some(tokio::task::spawn_blocking(move || {
-            read_range(&file, start, count)
-        }));
-    }
-}
-
-impl futures_util::Stream for FileChunks {
-    type Item = std::io::Result<Bytes>;
-
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        if this.failed {
-            return Poll::Ready(None);
-        }
-        this.start_read();
-        let Some(reading) = this.reading.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let result = match std::pin::Pin::new(reading).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r,
-        };
-        this.reading = None;
-        match result {
-            Ok(Ok(bytes)) => {
-                // Read ahead while this chunk is written.
-                this.start_read();
-                Poll::Ready(Some(Ok(bytes)))
-            }
-            Ok(Err(e)) => {
-                this.failed = true;
-                Poll::Ready(Some(Err(e)))
-            }
-            Err(e) => {
-                this.failed = true;
-                Poll::Ready(Some(Err(std::io::Error::other(e))))
-            }
-        }
-    }
 }
 
 /// A read that failed after the headers were decided (the file shrank or the disk failed).

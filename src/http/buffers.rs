@@ -1,5 +1,5 @@
-//! Reusable buffers for file bodies read into memory (ranges up to
-//! [`super::assets::SINGLE_READ_MAX`] and the chunks of streamed files).
+//! Reusable buffers for file bodies read into memory in one piece (ranges and small files up to
+//! [`super::assets::SINGLE_READ_MAX`]; larger bodies are streamed through tokio's file).
 //!
 //! Why: profiling 100 concurrent 1 MiB range readers (BENCHMARKS.md, "HTTP") showed about a
 //! fifth of pxed's CPU time going to fresh buffers rather than to the file: zeroing each new

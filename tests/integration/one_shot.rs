@@ -204,7 +204,9 @@ profile = "install-kernel"
             &format!("{http}/ipxe/script?mac={mac}&platform=pcbios&buildarch=i386"),
         );
         assert!(
-            script.contains("one-shot, done (os.installed") && !script.contains("kernel "),
+            script.contains("one-shot, done (os.installed")
+                && script.contains("\nexit 0\n")
+                && !script.lines().any(|l| l.starts_with("kernel ")),
             "{script}"
         );
     }
