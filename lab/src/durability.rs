@@ -29,7 +29,7 @@ use crate::machine::{Accel, choose_accel};
 use crate::netns::Netns;
 use crate::payload::{cache_dir, ensure_payload};
 use crate::switch::{LabSwitch, PassThrough};
-use crate::vmdef::{VmFile, definitions_dir, nic_model};
+use crate::vmdef::{VmFile, definitions_dir};
 use crate::vmserver::{SERVER_BOOT_TIMEOUT, StoredLease, VmServer, VmServerSpec};
 
 /// The state disk's size: SQLite's file, its WAL and ext4's journal fit many times over.
@@ -289,26 +289,15 @@ pub fn run_durability(opts: &DurabilityOptions) -> Result<DurabilityReport> {
         .with_context(|| format!("{}: no [server]", def_path.display()))?;
     server_def.pxed_config = labs_dir().join(CONFIG_TEMPLATE);
     let image = ensure_server_image(&cache, &payload, &def, &opts.pxed)?;
-    let nic = def
-        .vm
-        .nic
-        .first()
-        .with_context(|| format!("{}: the server VM has no NIC", def_path.display()))?;
     let disk = opts.run_dir.join("state.ext4");
+    let spec = VmServerSpec::from_definition(
+        &def,
+        &def_path,
+        image.disk.clone(),
+        image.address,
+        Some(disk.clone()),
+    )?;
     make_state_disk(&disk)?;
-    let spec = VmServerSpec {
-        disk: image.disk.clone(),
-        firmware: def.vm.firmware,
-        nic: nic_model(&nic.model)
-            .map(|m| m.qemu)
-            .unwrap_or("e1000")
-            .to_string(),
-        mac: nic.mac,
-        memory_mib: u32::try_from(def.vm.memory_mib).unwrap_or(u32::MAX),
-        cpus: def.vm.cpus,
-        address: image.address,
-        state_disk: Some(disk),
-    };
 
     // Every ACK the server sends crosses the switch: collect (MAC, address) in order.
     let (obs_tx, obs_rx) = mpsc::channel();

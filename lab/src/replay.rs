@@ -175,28 +175,16 @@ struct Dhcp {
 
 fn dhcp_of(frame: &[u8]) -> Option<Dhcp> {
     // Ethernet + IPv4 (no fragments) + UDP between DHCP/PXE ports.
-    if frame.get(12..14)? != [8, 0] {
-        return None;
-    }
-    let ihl = usize::from(frame.get(14)? & 0x0f) * 4;
-    if *frame.get(23)? != 17 {
-        return None;
-    }
-    let udp = 14 + ihl;
-    let sport = u16::from_be_bytes(frame.get(udp..udp + 2)?.try_into().ok()?);
-    let dport = u16::from_be_bytes(frame.get(udp + 2..udp + 4)?.try_into().ok()?);
-    let ulen = usize::from(u16::from_be_bytes(
-        frame.get(udp + 4..udp + 6)?.try_into().ok()?,
-    ));
+    let v = crate::quirks::parse_udp(frame)?;
     let ports = [67, 68, 4011];
-    if !ports.contains(&sport) || !ports.contains(&dport) {
+    if !ports.contains(&v.sport) || !ports.contains(&v.dport) {
         return None;
     }
-    let packet = DhcpPacket::decode(frame.get(udp + 8..udp + ulen.max(8))?).ok()?;
+    let packet = DhcpPacket::decode(frame.get(v.payload)?).ok()?;
     Some(Dhcp {
         index: 0,
         frame: frame.to_vec(),
-        dport,
+        dport: v.dport,
         packet,
     })
 }
@@ -635,12 +623,7 @@ fn replay_tftp(
     server_ip: Ipv4Addr,
 ) -> Result<ReplayStep> {
     // pxed answers by unicast: tell its namespace where the client is instead of answering ARP.
-    let mac = t
-        .mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = pxed::mac::MacAddr(t.mac).to_string();
     netns.ip(&[
         "neigh",
         "replace",
@@ -742,11 +725,8 @@ fn read_matching<T>(
 /// The client's frame with `p` as its DHCP payload; a unicast to the capture's server is
 /// redirected to the lab's server (broadcast MAC, so the TAP takes it without ARP).
 fn client_frame(orig: &[u8], p: &DhcpPacket, dport: u16, server_ip: Ipv4Addr) -> Option<Vec<u8>> {
-    let ihl = usize::from(orig.get(14)? & 0x0f) * 4;
-    let sport = u16::from_be_bytes(orig.get(14 + ihl..16 + ihl)?.try_into().ok()?);
-    let src: [u8; 4] = orig.get(26..30)?.try_into().ok()?;
-    let dst: [u8; 4] = orig.get(30..34)?.try_into().ok()?;
-    let dst = if dst == [255; 4] {
+    let v = crate::quirks::parse_udp(orig)?;
+    let dst = if v.dst == Ipv4Addr::BROADCAST {
         Ipv4Addr::BROADCAST
     } else {
         server_ip
@@ -755,9 +735,9 @@ fn client_frame(orig: &[u8], p: &DhcpPacket, dport: u16, server_ip: Ipv4Addr) ->
     Some(crate::quirks::udp_frame(
         mac,
         [0xff; 6],
-        Ipv4Addr::from(src),
+        v.src,
         dst,
-        sport,
+        v.sport,
         dport,
         &p.encode(&[]),
     ))

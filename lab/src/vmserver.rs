@@ -53,6 +53,37 @@ pub struct VmServerSpec {
     pub state_disk: Option<PathBuf>,
 }
 
+impl VmServerSpec {
+    /// The server VM that the definition `def` (read from `def_path`) describes, booting
+    /// `disk` and serving on `address`, with an optional state disk.
+    pub fn from_definition(
+        def: &VmFile,
+        def_path: &Path,
+        disk: PathBuf,
+        address: std::net::Ipv4Addr,
+        state_disk: Option<PathBuf>,
+    ) -> Result<Self> {
+        let nic = def
+            .vm
+            .nic
+            .first()
+            .with_context(|| format!("{}: the server VM has no NIC", def_path.display()))?;
+        Ok(VmServerSpec {
+            disk,
+            firmware: def.vm.firmware,
+            nic: nic_model(&nic.model)
+                .map(|m| m.qemu)
+                .unwrap_or("e1000")
+                .to_string(),
+            mac: nic.mac,
+            memory_mib: u32::try_from(def.vm.memory_mib).unwrap_or(u32::MAX),
+            cpus: def.vm.cpus,
+            address,
+            state_disk,
+        })
+    }
+}
+
 /// A lease the server VM listed from its state disk at boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredLease {
@@ -371,24 +402,7 @@ pub fn start_for_lab(
             "the server VM's address {address} is not the lab's server address {server_ip}: set [lab] subnet to its /24"
         );
     }
-    let nic = def
-        .vm
-        .nic
-        .first()
-        .with_context(|| format!("{}: the server VM has no NIC", def_path.display()))?;
-    let spec = VmServerSpec {
-        disk,
-        firmware: def.vm.firmware,
-        nic: nic_model(&nic.model)
-            .map(|m| m.qemu)
-            .unwrap_or("e1000")
-            .to_string(),
-        mac: nic.mac,
-        memory_mib: u32::try_from(def.vm.memory_mib).unwrap_or(u32::MAX),
-        cpus: def.vm.cpus,
-        address,
-        state_disk: None,
-    };
+    let spec = VmServerSpec::from_definition(&def, &def_path, disk, address, None)?;
     let (port, sock) = switch.add_stream_port(SERVER_PORT_NAME, Box::new(PassThrough))?;
     let timeout = SERVER_BOOT_TIMEOUT.mul_f64(scale);
     let server = VmServer::start(&spec, accel, &sock, run_dir, timeout)?;
