@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+mod burst;
 pub mod client;
 pub mod engine;
 pub mod fs;

@@ -28,6 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::TftpConfig;
+use super::burst::{Block, BurstSender};
 use super::engine::{self, Datagram, Limits, Output, RequestDecision, Transfer, TransferEvent};
 use super::fs::{Content, FileSource, ReadCache, RootSource, TftpFileError, read_range};
 use super::wire::{self, ErrorCode, Mode, Request};
@@ -643,7 +644,7 @@ fn run_transfer(job: TransferJob) {
         sock: &sock,
         peer,
         content: &content,
-        packet: Vec::new(),
+        sender: BurstSender::new(),
         ahead: Vec::new(),
         ahead_at: 0,
     };
@@ -720,7 +721,8 @@ struct TransferIo<'a> {
     sock: &'a std::net::UdpSocket,
     peer: SocketAddr,
     content: &'a Content,
-    packet: Vec<u8>,
+    /// Sends each window's blocks in as few system calls as the path allows.
+    sender: BurstSender,
     /// Read-ahead of a large file: `ahead` holds the bytes from offset `ahead_at`.
     ahead: Vec<u8>,
     ahead_at: u64,
@@ -753,11 +755,11 @@ impl TransferIo<'_> {
                 self.ahead_at = start;
             }
         }
+        // Consecutive DATA blocks (a window) leave together; anything else flushes them first,
+        // so the order on the wire is the engine's.
+        let mut blocks: Vec<Block<'_>> = Vec::new();
         for out in outs {
             match out {
-                Output::Send(Datagram::Bytes(b)) => {
-                    self.sock.send_to(&b, self.peer)?;
-                }
                 Output::Send(Datagram::Data { block, offset, len }) => {
                     let payload = match self.content {
                         Content::Memory(b) => slice(b, offset, len),
@@ -766,15 +768,24 @@ impl TransferIo<'_> {
                             .and_then(|o| slice(&self.ahead, o, len)),
                     }
                     .ok_or_else(|| io::Error::other("block outside the file"))?;
-                    self.packet.clear();
-                    self.packet.extend_from_slice(&wire::data_header(block));
-                    self.packet.extend_from_slice(payload);
-                    self.sock.send_to(&self.packet, self.peer)?;
+                    blocks.push(Block {
+                        number: block,
+                        payload,
+                    });
                 }
-                Output::Event(e) => report.event(e),
+                Output::Send(Datagram::Bytes(b)) => {
+                    self.sender.send(self.sock, self.peer, &blocks)?;
+                    blocks.clear();
+                    self.sock.send_to(&b, self.peer)?;
+                }
+                Output::Event(e) => {
+                    self.sender.send(self.sock, self.peer, &blocks)?;
+                    blocks.clear();
+                    report.event(e);
+                }
             }
         }
-        Ok(())
+        self.sender.send(self.sock, self.peer, &blocks)
     }
 }
 
