@@ -437,6 +437,31 @@ pub fn decide(
     }
 }
 
+impl Decision {
+    /// What this decision serves, for events and metrics.
+    pub fn served(&self) -> Served {
+        Served {
+            status: self.status,
+            body_len: self.body.map_or(0, |(_, count)| count),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// Resolve `rel` under `root`, open and check it, and decide the answer: the blocking start of
+/// every asset request, whichever path then sends the body.
+pub fn open_and_decide(
+    root: &Path,
+    rel: &Path,
+    method: &Method,
+    headers: &HeaderMap,
+    shown: &str,
+) -> Result<(OpenFile, Decision), PathError> {
+    let opened = open_in_root(root, rel)?;
+    let decision = decide(method, headers, &opened.meta, &opened.path, shown);
+    Ok((opened, decision))
+}
+
 /// The part of a request done on the blocking pool, in one trip.
 enum Prepared {
     /// Nothing to read (HEAD, 304, 412, 416), or a body read whole.
@@ -461,8 +486,7 @@ pub async fn serve_file(
 ) -> Result<(Response, Served), PathError> {
     let shown_here = shown.clone();
     let prepared = tokio::task::spawn_blocking(move || {
-        let opened = open_in_root(&root, &rel)?;
-        let decision = decide(&method, &headers, &opened.meta, &opened.path, &shown);
+        let (opened, decision) = open_and_decide(&root, &rel, &method, &headers, &shown)?;
         Ok(match decision.body {
             None => Prepared::Done(decision, None),
             Some((start, count)) if count <= SINGLE_READ_MAX => {
@@ -538,11 +562,7 @@ pub async fn serve_file(
             (decision, Body::from_stream(chunks))
         }
     };
-    let served = Served {
-        status: decision.status,
-        body_len: decision.body.map_or(0, |(_, count)| count),
-        detail: decision.detail,
-    };
+    let served = decision.served();
     let mut resp = Response::new(body);
     *resp.status_mut() = decision.status;
     *resp.headers_mut() = decision.headers;

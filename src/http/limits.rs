@@ -117,6 +117,11 @@ impl<S> Limited<S> {
             _permit: permit,
         }
     }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {

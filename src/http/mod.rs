@@ -13,6 +13,8 @@
 //! - [`assets`]: files under the boot root (ranges, conditional GET, no escapes).
 //! - [`ipxe`]: the entry script and the pure per-machine script renderer [`render_script`].
 //! - [`api`]: phone-home, machines, the SSE event stream, metrics, dashboard.
+//! - [`sendfile`]: the plain-HTTP listener; asset requests are answered there with
+//!   `sendfile(2)`, everything else is handed to hyper and the router.
 //! - [`server`]: state, routes, shutdown.
 
 pub mod api;
@@ -21,6 +23,7 @@ pub mod boot_state;
 pub mod buffers;
 pub mod ipxe;
 pub mod limits;
+pub mod sendfile;
 pub mod server;
 pub mod templates;
 pub mod tls;

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use super::HttpConfig;
 use super::boot_state::{BootStateStore, MemoryBootStates};
 use super::limits::{ClientAddr, ConnLimits, LimitedListener};
+use super::sendfile::AssetListener;
 use super::templates::{self, TemplateFacts};
 use super::token::Secret;
 use super::{api, assets, ipxe};
@@ -150,6 +151,20 @@ impl HttpState {
         self
     }
 
+    /// The MAC of a client on a connection from `client`: the `mac` query value when it
+    /// parses, else the IP lookup, done once per connection.
+    pub(crate) fn client_mac_at(
+        &self,
+        query_mac: Option<&str>,
+        client: &ClientAddr,
+    ) -> Option<MacAddr> {
+        if let Some(mac) = query_mac.and_then(|m| m.parse().ok()) {
+            return Some(mac);
+        }
+        let ClientAddr(addr, memo) = client;
+        memo.get_or_lookup(|| (self.mac_lookup)(addr.ip()))
+    }
+
     /// The client's MAC: the `mac` query value when it parses, else the IP lookup (done once
     /// per connection when the connection carries a [`ClientAddr`]).
     pub(crate) fn client_mac(
@@ -157,13 +172,11 @@ impl HttpState {
         query_mac: Option<&str>,
         req_ext: &axum::http::Extensions,
     ) -> Option<MacAddr> {
-        if let Some(mac) = query_mac.and_then(|m| m.parse().ok()) {
-            return Some(mac);
-        }
-        let lookup = |ip: IpAddr| (self.mac_lookup)(ip);
         match req_ext.get::<ConnectInfo<ClientAddr>>() {
-            Some(ConnectInfo(ClientAddr(addr, memo))) => memo.get_or_lookup(|| lookup(addr.ip())),
-            None => peer_ip(req_ext).and_then(lookup),
+            Some(ConnectInfo(client)) => self.client_mac_at(query_mac, client),
+            None => query_mac
+                .and_then(|m| m.parse().ok())
+                .or_else(|| peer_ip(req_ext).and_then(|ip| (self.mac_lookup)(ip))),
         }
     }
 }
@@ -263,6 +276,15 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// Paths that [`router`] may route to something other than the asset fallback (the API, the
+/// dashboard, scripts, metrics, rendered templates), and that the sendfile path therefore hands
+/// to hyper. It may say yes to more than that (hyper serves the asset fallback too), never less.
+pub(crate) fn routed_elsewhere(path: &str) -> bool {
+    matches!(path, "/" | "/boot.ipxe" | "/metrics" | ipxe::SCRIPT_PATH)
+        || path.starts_with("/api/")
+        || path.starts_with("/m/")
+}
+
 /// The routes also served over HTTPS: dashboard, API, events, metrics. No boot assets.
 fn api_routes() -> Router<Arc<HttpState>> {
     Router::new()
@@ -301,7 +323,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let listener = LimitedListener::new(listener, state.limits.clone());
-    serve_on(listener, state, true, shutdown).await
+    serve_on(
+        |state| Ok(AssetListener::new(listener, Arc::new(state.clone()))?),
+        state,
+        true,
+        shutdown,
+    )
+    .await
 }
 
 /// Serve [`api_router`] over HTTPS (see [`super::tls`]) on `listener` until `shutdown`, like
@@ -313,11 +341,13 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let listener = super::tls::TlsListener::new(listener, tls, state.limits.clone())?;
-    serve_on(listener, state, false, shutdown).await
+    serve_on(|_| Ok(listener), state, false, shutdown).await
 }
 
+/// Serve on the listener `make` builds from the final state (the one whose shutdown signal
+/// [`serve_on`] drives).
 async fn serve_on<L>(
-    listener: L,
+    make: impl FnOnce(&HttpState) -> anyhow::Result<L>,
     mut state: HttpState,
     full: bool,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -328,6 +358,7 @@ where
 {
     let (tx, rx) = watch::channel(false);
     state.shutdown = rx.clone();
+    let listener = make(&state)?;
     // Subscribe before serving, so no event published after `serve` starts goes uncounted.
     let counter = full.then(|| {
         tokio::spawn(count_events(
@@ -755,18 +786,11 @@ async fn asset(
     let peer = peer_ip(req.extensions());
     let raw_path = req.uri().path().to_string();
     let mac = state.client_mac(q.get("mac").map(String::as_str), req.extensions());
-    let stage = match q.get("kind").map(String::as_str) {
-        Some(ipxe::KIND_KERNEL) => BootStage::HttpKernel,
-        Some(ipxe::KIND_INITRD) => BootStage::HttpInitrd,
-        _ => BootStage::HttpAsset,
-    };
+    let stage = asset_stage(q.get("kind").map(String::as_str));
     let bytes_counter = state.metrics.asset_bytes.clone();
     let headers = req.into_parts().0.headers;
-    let served = match assets::decode_path(&raw_path) {
-        // Templates are only served rendered, for the machine holding the token.
-        Ok(rel) if rel.starts_with(templates::TEMPLATE_DIR) => Err(assets::PathError::NotFound),
-        Ok(rel) => {
-            let shown = format!("/{}", rel.display());
+    let served = match asset_path(&raw_path) {
+        Ok((rel, shown)) => {
             assets::serve_file(
                 state.root.clone(),
                 rel,
@@ -784,55 +808,106 @@ async fn asset(
     let (resp, served) = match served {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(path = %raw_path, ?peer, "asset: {e}");
-            if let Some(mac) = mac
-                && method == Method::GET
-            {
-                state
-                    .events
-                    .emit(mac, BootStage::HttpError, format!("{raw_path}: {e}"));
-            }
+            asset_refused(&state, mac, &method, &raw_path, peer, &e);
             return text_response(e.status(), format!("{e}\n"));
         }
     };
+    match asset_served(&state, mac, &method, stage, &served) {
+        Some(complete) => report_completion(resp, served.body_len, complete),
+        None => resp,
+    }
+}
+
+/// The boot stage a served asset stands for, from the `kind` query the script renderer puts in
+/// the URLs it writes.
+pub(crate) fn asset_stage(kind: Option<&str>) -> BootStage {
+    match kind {
+        Some(ipxe::KIND_KERNEL) => BootStage::HttpKernel,
+        Some(ipxe::KIND_INITRD) => BootStage::HttpInitrd,
+        _ => BootStage::HttpAsset,
+    }
+}
+
+/// The file a request path names under the boot root, and how to show it: templates are only
+/// served rendered, for the machine holding the token, never as files.
+pub(crate) fn asset_path(raw_path: &str) -> Result<(PathBuf, String), assets::PathError> {
+    let rel = assets::decode_path(raw_path)?;
+    if rel.starts_with(templates::TEMPLATE_DIR) {
+        return Err(assets::PathError::NotFound);
+    }
+    let shown = format!("/{}", rel.display());
+    Ok((rel, shown))
+}
+
+/// Log a request for a path that is not served, and put it on the machine's timeline.
+pub(crate) fn asset_refused(
+    state: &HttpState,
+    mac: Option<MacAddr>,
+    method: &Method,
+    raw_path: &str,
+    peer: Option<IpAddr>,
+    e: &assets::PathError,
+) {
+    tracing::info!(path = %raw_path, ?peer, "asset: {e}");
+    if let Some(mac) = mac
+        && method == Method::GET
+    {
+        state
+            .events
+            .emit(mac, BootStage::HttpError, format!("{raw_path}: {e}"));
+    }
+}
+
+/// Publish what serving a file means for the machine's timeline. For a GET that sends bytes,
+/// returns the `http.complete` report, to call once the last body byte is handed to the
+/// connection (a client that goes away early gets none).
+pub(crate) fn asset_served(
+    state: &HttpState,
+    mac: Option<MacAddr>,
+    method: &Method,
+    stage: BootStage,
+    served: &assets::Served,
+) -> Option<impl FnOnce() + Send + 'static> {
     let serving = served.status == StatusCode::OK || served.status == StatusCode::PARTIAL_CONTENT;
     match mac {
         Some(mac) if method == Method::GET && serving => {
             state.events.emit(mac, stage, served.detail.clone());
-            return report_completion(resp, state.events.clone(), mac, served);
+            let events = state.events.clone();
+            let detail = served.detail.clone();
+            let started = std::time::Instant::now();
+            return Some(move || {
+                let secs = started.elapsed().as_secs_f64();
+                events.emit(
+                    mac,
+                    BootStage::HttpComplete,
+                    format!("{detail} sent in {secs:.3} s"),
+                );
+            });
         }
         Some(mac) if served.status.is_server_error() => {
-            state.events.emit(mac, BootStage::HttpError, served.detail)
+            state
+                .events
+                .emit(mac, BootStage::HttpError, served.detail.clone())
         }
         _ => tracing::debug!(detail = %served.detail, status = %served.status, "asset"),
     }
-    resp
+    None
 }
 
-/// `resp` with a body that publishes `http.complete` when its last byte is handed to the
+/// `resp` with a body that calls `complete` when its last byte (of `body_len`) is handed to the
 /// connection. Counted, not taken from the end of the stream: hyper stops polling a body once
-/// it has written `Content-Length` bytes. A client that goes away early gets no completion.
+/// it has written `Content-Length` bytes.
 fn report_completion(
     resp: Response,
-    events: EventBus,
-    mac: MacAddr,
-    served: assets::Served,
+    body_len: u64,
+    complete: impl FnOnce() + Send + 'static,
 ) -> Response {
     use futures_util::StreamExt as _;
-    let started = std::time::Instant::now();
-    let complete = move || {
-        let secs = started.elapsed().as_secs_f64();
-        events.emit(
-            mac,
-            BootStage::HttpComplete,
-            format!("{} sent in {secs:.3} s", served.detail),
-        );
-    };
-    if served.body_len == 0 {
+    if body_len == 0 {
         complete();
         return resp;
     }
-    let mut left = served.body_len;
+    let mut left = body_len;
     let mut complete = Some(complete);
     let (parts, body) = resp.into_parts();
     let counted = body.into_data_stream().map(move |chunk| {
@@ -863,6 +938,51 @@ mod tests {
         assert_eq!(clean_uuid(Some(&String::new())), None);
         assert_eq!(clean_uuid(Some(&"x".repeat(36))), None);
         assert_eq!(clean_uuid(None), None);
+    }
+
+    /// Every route of [`router`] stays with hyper; paths only the fallback serves do not.
+    #[test]
+    fn only_asset_paths_bypass_the_router() {
+        for path in [
+            "/",
+            "/boot.ipxe",
+            "/metrics",
+            ipxe::SCRIPT_PATH,
+            "/api/phone-home",
+            "/api/machines",
+            "/api/machines/52-54-00-12-34-56/state",
+            "/api/events",
+            "/m/52-54-00-12-34-56/default/tok/user-data",
+        ] {
+            assert!(routed_elsewhere(path), "{path}");
+        }
+        for path in [
+            "/vmlinuz",
+            "/debian/initrd.gz",
+            "/boot.ipxe.bak",
+            "/apix",
+            "/mx",
+        ] {
+            assert!(!routed_elsewhere(path), "{path}");
+        }
+        // The literal route patterns: a new route must be added to `routed_elsewhere` too.
+        let src = include_str!("server.rs");
+        let routes = src
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".route(\""))
+            .filter_map(|l| l.split('"').next());
+        for route in routes {
+            let concrete = route
+                .replace("{mac}", "52-54-00-12-34-56")
+                .replace("{*name}", "x");
+            assert!(
+                routed_elsewhere(&concrete),
+                "route {route} is not in routed_elsewhere"
+            );
+        }
+        assert!(routed_elsewhere(
+            TEMPLATE_ROUTE.split('{').next().unwrap_or("/")
+        ));
     }
 
     #[test]

@@ -731,6 +731,122 @@ async fn large_sparse_file_is_streamed() {
     );
 }
 
+/// Responses read off one connection: status, body.
+fn split_responses(mut raw: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad head {head}"));
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let body_end = (end + 4 + len).min(raw.len());
+        out.push((status, raw[end + 4..body_end].to_vec()));
+        raw = &raw[body_end..];
+    }
+    out
+}
+
+/// Asset requests are answered with sendfile, outside hyper. On the same keep-alive connection
+/// a request for the router (the entry script) hands the connection to hyper together with the
+/// pipelined bytes already read, and hyper serves what follows, assets included. curl, a real
+/// client, reuses one connection across both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_keep_alive_connection_mixes_sendfile_and_router() {
+    use tokio::io::AsyncWriteExt;
+    let s = start().await;
+    let mut conn = tokio::net::TcpStream::connect(s.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let pipelined = "GET /linux/vmlinuz HTTP/1.1\r\nHost: t\r\n\r\n\
+                     GET /linux/initrd.img HTTP/1.1\r\nHost: t\r\nRange: bytes=0-5\r\n\r\n\
+                     GET /boot.ipxe HTTP/1.1\r\nHost: t\r\n\r\n\
+                     GET /linux/vmlinuz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    conn.write_all(pipelined.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut raw))
+        .await
+        .expect("the server closes after `Connection: close`")
+        .unwrap();
+    let replies = split_responses(&raw);
+    assert_eq!(replies.len(), 4, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(replies[0], (200, b"kernel-bytes".to_vec()));
+    assert_eq!(replies[1], (206, b"initrd".to_vec()));
+    assert_eq!(replies[2].0, 200);
+    assert!(replies[2].1.starts_with(b"#!ipxe"), "{:?}", replies[2]);
+    assert_eq!(replies[3], (200, b"kernel-bytes".to_vec()));
+
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_code} %{num_connects}\n"])
+        .arg(format!("{}/linux/vmlinuz", s.base))
+        .arg(format!("{}/api/machines", s.base))
+        .arg(format!("{}/linux/initrd.img", s.base))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200 1\n200 0\n200 0\n",
+        "three answers over one connection"
+    );
+}
+
+/// A file cut short while it is being sent ends that response early (the client gets fewer
+/// bytes than Content-Length promised, then the connection closes), never the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_cut_while_served_ends_the_response_not_the_server() {
+    use tokio::io::AsyncWriteExt;
+    const SIZE: u64 = 256 << 20;
+    let s = start().await;
+    let path = s.root.join("shrinks.img");
+    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(s.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    conn.write_all(b"GET /shrinks.img HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // The head leaves with the first body bytes: once it is here, sending has begun, and 256
+    // MiB do not fit in the socket buffers of an unread connection.
+    let mut first = vec![0u8; 4096];
+    let n = conn.read(&mut first).await.unwrap();
+    let head = String::from_utf8_lossy(&first[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {SIZE}")), "{head}");
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut rest))
+        .await
+        .expect("the server ends the response")
+        .unwrap();
+    let got = (n + rest.len()) as u64;
+    assert!(got < SIZE, "got {got} bytes of a file cut to 0");
+    // The server goes on.
+    assert_eq!(
+        curl(&[&format!("{}/linux/vmlinuz", s.base)]).await.body,
+        b"kernel-bytes"
+    );
+}
+
 /// Kills QEMU when the test ends, passed or not.
 struct Qemu(std::process::Child);
 
