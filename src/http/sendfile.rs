@@ -38,7 +38,7 @@ use super::assets::{self, PathError};
 use super::limits::{ClientAddr, Limited, LimitedListener};
 use super::server::{self, HttpState, RequestLabels};
 
-/// Longest request head read here; a longer one goes to hyper, which refuses it.
+/// Longest request head read here; a longer one goes to hyper, with its own limit (~400 KiB).
 const MAX_HEAD_BYTES: usize = 16 << 10;
 /// Most header fields parsed here; a request with more goes to hyper.
 const MAX_HEADERS: usize = 64;
