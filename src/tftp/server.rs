@@ -627,3 +627,185 @@ async fn start_transfer(
         job.shut_down();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket as StdUdp;
+
+    use super::*;
+    use crate::tftp::client::{self, ReadSpec};
+    use crate::tftp::wire::Packet;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ seed.wrapping_mul(31))
+            .collect()
+    }
+
+    /// A server on 127.0.0.1 with `threads` event threads over a temporary root holding
+    /// `files`; large files are read from disk (no cache), so the read-ahead path runs too.
+    async fn start(
+        threads: usize,
+        files: &[(&str, &[u8])],
+    ) -> (SocketAddr, CancellationToken, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, data) in files {
+            std::fs::write(dir.path().join(name), data).unwrap();
+        }
+        let config = TftpConfig {
+            max_transfers: 1024,
+            max_transfers_per_client: 1024,
+            cache_file_max: 64 << 10,
+            ..TftpConfig::default()
+        };
+        let source = root_source(&config, dir.path().to_path_buf()).unwrap();
+        let mut srv = TftpServer::bind(
+            config,
+            "127.0.0.1:0".parse().unwrap(),
+            source,
+            EventBus::new(),
+            Arc::new(|_| None),
+        )
+        .await
+        .unwrap();
+        srv.event_threads = threads;
+        let addr = srv.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(srv.run(stop.clone()));
+        (addr, stop, dir)
+    }
+
+    fn spec(server: SocketAddr, file: &str, blksize: Option<u16>) -> ReadSpec {
+        ReadSpec {
+            server,
+            file: file.into(),
+            blksize,
+            windowsize: None,
+            timeout: Duration::from_secs(1),
+            retries: 10,
+        }
+    }
+
+    /// A client that sends its RRQ and then neither reads nor answers: the server keeps
+    /// retransmitting into a socket nobody drains.
+    fn silent_client(server: SocketAddr, file: &str) -> StdUdp {
+        let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+        let opts = [("blksize", "1468"), ("windowsize", "64")];
+        sock.send_to(&wire::encode_request(false, file, "octet", &opts), server)
+            .unwrap();
+        sock
+    }
+
+    /// One event thread, three bad clients on it (one silent, one gone so every send draws
+    /// ICMP port unreachable, one acknowledging a block every 300 ms): a lock-step download
+    /// on the same thread still runs at loopback speed, and the slow transfer is still alive
+    /// afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_clients_do_not_hold_up_a_transfer_on_the_same_event_thread() {
+        let big = pattern(4 << 20, 1);
+        let small = pattern(1 << 20, 2);
+        let (server, stop, _dir) = start(1, &[("big.bin", &big), ("small.bin", &small)]).await;
+        let silent = silent_client(server, "big.bin");
+        let gone = silent_client(server, "big.bin");
+        drop(gone);
+        /// Blocks the slow client acknowledges before it is satisfied.
+        const SLOW_BLOCKS: u16 = 4;
+        let slow = {
+            std::thread::spawn(move || {
+                let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                sock.send_to(
+                    &wire::encode_request(false, "big.bin", "octet", &[]),
+                    server,
+                )
+                .unwrap();
+                let mut buf = [0u8; 600];
+                let mut acked = 0u16;
+                while acked < SLOW_BLOCKS {
+                    let (n, from) = sock.recv_from(&mut buf).unwrap();
+                    if let Ok(Packet::Data(block, _)) = wire::parse(&buf[..n])
+                        && block == acked.wrapping_add(1)
+                    {
+                        std::thread::sleep(Duration::from_millis(300));
+                        acked = block;
+                        sock.send_to(&wire::encode_ack(block), from).unwrap();
+                    }
+                }
+                acked
+            })
+        };
+        // Let the stallers' transfers start and their first windows go out.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let got = client::read(
+            &spec(server, "small.bin", Some(1468)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(got.bytes, small.len() as u64);
+        assert_eq!(got.checksum, client::fnv1a(client::FNV_START, &small));
+        assert_eq!(got.timeouts, 0, "no retransmission was needed");
+        // 715 lock-step blocks take well under a second on loopback, even in a debug build on
+        // a busy machine; a loop that waited on a stalled transfer's socket or timer (1 s)
+        // would take minutes.
+        assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+        // The slow transfer goes on after the fast one (the server answers each of its ACKs).
+        let acked = tokio::task::spawn_blocking(move || slow.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(acked, SLOW_BLOCKS);
+        // The silent client's transfer is alive too: its socket holds the window and the
+        // server's retransmissions.
+        silent.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = silent.recv_from(&mut buf).unwrap();
+        assert!(matches!(wire::parse(&buf[..n]), Ok(Packet::Oack(_))));
+        stop.cancel();
+    }
+
+    /// Several transfers on one event thread all get the shutdown ERROR.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_reaches_every_transfer_of_an_event_thread() {
+        let big = pattern(1 << 20, 3);
+        let (server, stop, _dir) = start(1, &[("big.bin", &big)]).await;
+        let clients: Vec<StdUdp> = (0..5)
+            .map(|_| {
+                let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                sock.send_to(
+                    &wire::encode_request(false, "big.bin", "octet", &[]),
+                    server,
+                )
+                .unwrap();
+                let mut buf = [0u8; 600];
+                let (n, _) = sock.recv_from(&mut buf).unwrap();
+                assert!(matches!(wire::parse(&buf[..n]), Ok(Packet::Data(1, _))));
+                sock
+            })
+            .collect();
+        stop.cancel();
+        let errors = tokio::task::spawn_blocking(move || {
+            clients
+                .iter()
+                .map(|sock| {
+                    let mut buf = [0u8; 600];
+                    loop {
+                        let (n, _) = sock.recv_from(&mut buf).unwrap();
+                        match wire::parse(&buf[..n]).unwrap() {
+                            Packet::Data(1, _) => continue,
+                            Packet::Error(code, msg) => return (code, msg.to_string()),
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for error in errors {
+            assert_eq!(error, (0, "server shutting down".to_string()));
+        }
+    }
+}
