@@ -246,6 +246,11 @@ impl EventLoop {
                     0
                 }
             };
+            if ready == 0 {
+                // A timeout: also notice a pool that went away without ringing (if starting
+                // the threads failed half-way); a try_recv costs next to nothing.
+                closed |= self.take_jobs();
+            }
             for ev in events.iter().take(ready) {
                 let token = ev.u64;
                 if token == WAKE_TOKEN {
