@@ -7,7 +7,9 @@
 //! - [`roots`]: per-profile TFTP roots chosen by the client's boot plan.
 //! - [`virtual_files`]: pxelinux/GRUB configs and the iPXE entry script rendered from the boot
 //!   policy for each client ([`virtual_files::PolicyFiles`]).
-//! - [`server`]: sockets, one thread per transfer, limits, events. [`server::serve`] is the entry.
+//! - [`server`]: the listener, limits, file opening, events. [`server::serve`] is the entry.
+//! - `driver`: the event threads (one epoll loop per CPU) that run every transfer's data
+//!   exchange: sockets, engine timers, windows sent with `burst`.
 
 use std::path::PathBuf;
 
@@ -15,6 +17,7 @@ use serde::Deserialize;
 
 mod burst;
 pub mod client;
+mod driver;
 pub mod engine;
 pub mod fs;
 pub mod roots;

@@ -1,6 +1,7 @@
-//! The TFTP socket driver: one listener (a tokio task), and per transfer an ephemeral socket
-//! (RFC 1350 section 4: the server's transfer ID is a new port) driven by its own OS thread
-//! that blocks in `recvfrom` between ACKs (see [`start_transfer`] for why).
+//! The TFTP listener and admission: one listener (a tokio task) takes requests, applies the
+//! limits, opens the file, and gives each transfer an ephemeral socket (RFC 1350 section 4: the
+//! server's transfer ID is a new port) that one of a few event threads drives from then on
+//! (`driver.rs`: epoll, many transfers per thread; see [`start_transfer`] for why).
 //!
 //! Entry points: [`serve`] (runs until the process ends) or [`TftpServer::bind`] then
 //! [`TftpServer::run`] with a shutdown token (tests bind port 0 and read [`TftpServer::local_addr`]).
@@ -14,12 +15,11 @@ use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, size_of_val};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::Interest;
@@ -28,39 +28,27 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::TftpConfig;
-use super::burst::{Block, BurstSender};
-use super::engine::{self, Datagram, Limits, Output, RequestDecision, Transfer, TransferEvent};
+use super::driver::{self, Pool, TransferJob};
+use super::engine::{self, Limits, RequestDecision, TransferEvent};
 use super::fs::{Content, FileSource, ReadCache, RootSource, TftpFileError, read_range};
-use super::wire::{self, ErrorCode, Mode, Request};
+use super::wire::{self, Mode, Request};
 use crate::events::EventBus;
 use crate::mac::MacAddr;
 use crate::stage::BootStage;
 
 pub use crate::mac::MacLookup;
 
-/// Receive buffer of a transfer socket: clients send only ACK and ERROR (at most 4 + 512 bytes).
-const TRANSFER_RECV_BYTES: usize = 1024;
 /// Receive buffer of the listener: requests are at most [`wire::MAX_REQUEST_BYTES`]; one more
 /// byte tells an oversized request from a maximal one.
 const LISTENER_RECV_BYTES: usize = wire::MAX_REQUEST_BYTES + 1;
-/// Distinct strangers answered with ERROR 5 per transfer; beyond that junk is dropped, so a
-/// flood cannot make a transfer socket send more than this many packets.
-const STRANGERS_ANSWERED: usize = 8;
 /// Blksize cap when the egress MTU is unknown: Ethernet 1500 - IP 20 - UDP 8 - TFTP 4.
 const BLKSIZE_UNKNOWN_MTU: u16 = 1468;
 /// IPv4 + UDP + TFTP header bytes subtracted from the MTU.
 const HEADERS: u32 = 32;
-/// A large file is read in chunks of this size (one pread serves many lock-step blocks).
-const READ_AHEAD_BYTES: u64 = 256 << 10;
 /// Receive buffer asked for on the listener: a boot storm (or the benchmark's 1000 clients) sends
 /// its RRQs at once, and the default ~208 KiB holds only ~170 of them; every one dropped costs
 /// its client a retransmission timeout. 4 MiB holds several thousand.
 const LISTENER_RCVBUF_BYTES: usize = 4 << 20;
-/// Stack of a transfer thread: its loop keeps a 1 KiB receive buffer and calls the engine and
-/// the event bus, far below this; thousands of transfers must not each reserve the default 2 MiB.
-const TRANSFER_STACK_BYTES: usize = 256 << 10;
-/// Longest sleep of a transfer thread before it looks at the shutdown token again.
-const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// Netascii translates the whole file in memory; text files beyond this are refused.
 const NETASCII_MAX_BYTES: u64 = 16 << 20;
 
@@ -69,6 +57,8 @@ pub struct TftpServer {
     socket: UdpSocket,
     pktinfo: bool,
     shared: Arc<Shared>,
+    /// Event threads started by [`TftpServer::run`] ([`driver::event_threads`]).
+    event_threads: usize,
 }
 
 struct Shared {
@@ -90,13 +80,20 @@ struct Active {
 }
 
 /// Holds a transfer's place in the limits; dropping it frees the place.
-struct Slot {
+pub(super) struct Slot {
     shared: Arc<Shared>,
     peer: SocketAddr,
     generation: u64,
     /// Set once the client sent anything to the transfer socket.
     heard: Arc<AtomicBool>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    /// The client sent something to the transfer socket: a repeat of its RRQ is a new read.
+    pub(super) fn mark_heard(&self) {
+        self.heard.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Slot {
@@ -186,6 +183,7 @@ impl TftpServer {
             socket,
             pktinfo,
             shared,
+            event_threads: driver::event_threads(),
         })
     }
 
@@ -198,10 +196,15 @@ impl TftpServer {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let bound = self.socket.local_addr()?;
         let mut buf = vec![0u8; LISTENER_RECV_BYTES];
-        tracing::info!(%bound, pktinfo = self.pktinfo, "TFTP listening");
+        let pool = Arc::new(Pool::start(self.event_threads, &shutdown)?);
+        tracing::info!(%bound, pktinfo = self.pktinfo, event_threads = self.event_threads, "TFTP listening");
         loop {
             let received = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => {
+                    // The event threads see the token within CANCEL_POLL; this makes it now.
+                    pool.wake_all();
+                    return Ok(());
+                }
                 r = recv_request(&self.socket, self.pktinfo, &mut buf) => r,
             };
             let rx = match received {
@@ -233,7 +236,14 @@ impl TftpServer {
                     let shared = self.shared.clone();
                     let stop = shutdown.child_token();
                     tokio::spawn(start_transfer(
-                        shared, req, rx.from, local, rx.ifindex, slot, stop,
+                        shared,
+                        pool.clone(),
+                        req,
+                        rx.from,
+                        local,
+                        rx.ifindex,
+                        slot,
+                        stop,
                     ));
                 }
             }
@@ -443,7 +453,7 @@ fn blksize_cap(config: &TftpConfig, ifindex: Option<u32>) -> u16 {
 }
 
 /// Publishes one transfer's events with its MAC and file name.
-struct Reporter {
+pub(super) struct Reporter {
     events: EventBus,
     mac: MacAddr,
     file: String,
@@ -455,14 +465,14 @@ impl Reporter {
         self.events.emit(self.mac, stage, detail);
     }
 
-    fn error(&self, reason: &str) {
+    pub(super) fn error(&self, reason: &str) {
         self.emit(
             BootStage::TftpError,
             format!("file={} peer={} reason={reason}", self.file, self.peer),
         );
     }
 
-    fn event(&self, event: TransferEvent) {
+    pub(super) fn event(&self, event: TransferEvent) {
         match event {
             TransferEvent::Oack(opts) => {
                 self.emit(BootStage::TftpOack, format!("file={} {opts}", self.file));
@@ -525,23 +535,12 @@ async fn open_content(
     Ok(Content::Memory(Bytes::from(engine::to_netascii(&raw))))
 }
 
-/// Everything a transfer's data thread needs, moved into it.
-struct TransferJob {
-    sock: std::net::UdpSocket,
-    peer: SocketAddr,
-    req: Request,
-    content: Content,
-    limits: Limits,
-    report: Reporter,
-    stop: CancellationToken,
-    /// Freed (with the transfer's place in the limits) when the thread ends.
-    slot: Slot,
-}
-
 /// The asynchronous part of a transfer: announce it, open the file (through the read cache),
-/// then hand the data exchange to its own thread.
+/// then hand the data exchange to an event thread.
+#[allow(clippy::too_many_arguments)]
 async fn start_transfer(
     shared: Arc<Shared>,
+    pool: Arc<Pool>,
     req: Request,
     peer: SocketAddr,
     local: IpAddr,
@@ -602,194 +601,211 @@ async fn start_transfer(
         deadline: Duration::from_secs(cfg.transfer_deadline_secs.max(1)),
         tsize: cfg.tsize,
     };
-    let job = TransferJob {
+    let job = Box::new(TransferJob {
         sock,
         peer,
         req,
         content,
         limits,
         report,
-        stop,
         slot,
-    };
-    // Lock-step speed is one round trip per block: a thread that sleeps in `recvfrom` wakes
-    // straight into the next send, where a task pays for epoll, a wake-up and the scheduler on
-    // every ACK (3x slower at blksize 8192 on loopback, BENCHMARKS.md "TFTP"). The number of
-    // threads is bounded by the transfer limits the slot holds.
-    let spawned = std::thread::Builder::new()
-        .name("tftp-transfer".into())
-        .stack_size(TRANSFER_STACK_BYTES)
-        .spawn(move || run_transfer(job));
-    if let Err(err) = spawned {
-        // The job (socket, slot) was dropped with the closure; the client retries its RRQ.
-        tracing::warn!(%peer, %err, "cannot start a TFTP transfer thread");
-    }
-}
-
-/// One transfer's data exchange, on its own thread: blocking receive with a timeout taken from
-/// the engine's next deadline, pread for large files, the engine deciding everything.
-fn run_transfer(job: TransferJob) {
-    let TransferJob {
-        sock,
-        peer,
-        req,
-        content,
-        limits,
-        report,
-        stop,
-        slot,
-    } = job;
-    let (mut transfer, first) = Transfer::start(&req, content.len(), &limits, Instant::now());
-    let mut io = TransferIo {
-        sock: &sock,
-        peer,
-        content: &content,
-        sender: BurstSender::new(),
-        ahead: Vec::new(),
-        ahead_at: 0,
-    };
-    if let Err(err) = io.apply(first, &report) {
-        report.error(&format!("send failed: {err}"));
+    });
+    if stop.is_cancelled() {
+        job.shut_down();
         return;
     }
-    let mut buf = [0u8; TRANSFER_RECV_BYTES];
-    let mut strangers: Vec<SocketAddr> = Vec::new();
-    let mut wait_set: Option<Duration> = None;
-    while !transfer.is_done() {
-        if stop.is_cancelled() {
-            let pkt = wire::encode_error(ErrorCode::Undefined, "server shutting down");
-            let _ = sock.send_to(&pkt, peer);
-            report.error("server shutting down");
-            return;
+    // Why event threads rather than a thread or a task per transfer: lock-step speed is one
+    // round trip per block. A task pays for the reactor, a wake-up and the scheduler on every
+    // ACK (3x slower at blksize 8192 on loopback, BENCHMARKS.md "TFTP"); a thread per
+    // transfer is as fast alone, but with a thousand clients every ACK wakes a different
+    // sleeping thread, and that cost lands on the client's send (1.9x behind dnsmasq's single
+    // poll loop at 1000 clients). An event thread owns its sockets outright: one epoll_wait
+    // serves every ready transfer, with no hand-off, and one transfer alone still costs one
+    // wake-up per block. See `driver` for the loop.
+    if let Err(job) = pool.submit(job) {
+        // Every event thread has ended: the server is stopping.
+        job.shut_down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket as StdUdp;
+
+    use super::*;
+    use crate::tftp::client::{self, ReadSpec};
+    use crate::tftp::wire::Packet;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ seed.wrapping_mul(31))
+            .collect()
+    }
+
+    /// A server on 127.0.0.1 with `threads` event threads over a temporary root holding
+    /// `files`; large files are read from disk (no cache), so the read-ahead path runs too.
+    async fn start(
+        threads: usize,
+        files: &[(&str, &[u8])],
+    ) -> (SocketAddr, CancellationToken, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, data) in files {
+            std::fs::write(dir.path().join(name), data).unwrap();
         }
-        // Sleep until the engine's deadline, but at most CANCEL_POLL so a shutdown is seen.
-        // Whole milliseconds, so the socket option changes only when the wait really does
-        // (in steady lock-step the deadline is a full timeout away: always CANCEL_POLL).
-        let now = Instant::now();
-        let until = transfer
-            .next_deadline()
-            .map_or(CANCEL_POLL, |d| d.saturating_duration_since(now));
-        let wait = Duration::from_millis(
-            u64::try_from(until.as_millis())
-                .unwrap_or(u64::MAX)
-                .saturating_add(1),
-        )
-        .min(CANCEL_POLL);
-        if wait_set != Some(wait) {
-            if let Err(err) = sock.set_read_timeout(Some(wait)) {
-                report.error(&format!("cannot set the receive timeout: {err}"));
-                return;
-            }
-            wait_set = Some(wait);
-        }
-        let mut outs = match sock.recv_from(&mut buf) {
-            Ok((n, from)) if from == peer => match buf.get(..n) {
-                Some(bytes) => {
-                    slot.heard.store(true, Ordering::Relaxed);
-                    transfer.on_packet(bytes, Instant::now())
-                }
-                None => Vec::new(),
-            },
-            Ok((_, from)) => {
-                // RFC 1350 section 4: a packet from an unknown TID gets ERROR 5 and the
-                // transfer goes on; each stranger is answered once.
-                if !strangers.contains(&from) && strangers.len() < STRANGERS_ANSWERED {
-                    strangers.push(from);
-                    let pkt = wire::encode_error(ErrorCode::UnknownTid, "unknown transfer ID");
-                    let _ = sock.send_to(&pkt, from);
-                }
-                Vec::new()
-            }
-            // A timeout (WouldBlock/TimedOut), an interrupted call, or an ICMP error from an
-            // earlier send (the client is gone): the engine's timer decides what happens.
-            Err(_) => Vec::new(),
+        let config = TftpConfig {
+            max_transfers: 1024,
+            max_transfers_per_client: 1024,
+            cache_file_max: 64 << 10,
+            ..TftpConfig::default()
         };
-        // The timer is checked after every receive, not only on timeouts: a peer (or a
-        // stranger) sending a steady stream of junk must not keep it from firing.
-        let now = Instant::now();
-        if transfer.next_deadline().is_some_and(|d| now >= d) {
-            outs.extend(transfer.on_timer(now));
-        }
-        if let Err(err) = io.apply(outs, &report) {
-            report.error(&format!("send failed: {err}"));
-            return;
+        let source = root_source(&config, dir.path().to_path_buf()).unwrap();
+        let mut srv = TftpServer::bind(
+            config,
+            "127.0.0.1:0".parse().unwrap(),
+            source,
+            EventBus::new(),
+            Arc::new(|_| None),
+        )
+        .await
+        .unwrap();
+        srv.event_threads = threads;
+        let addr = srv.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(srv.run(stop.clone()));
+        (addr, stop, dir)
+    }
+
+    fn spec(server: SocketAddr, file: &str, blksize: Option<u16>) -> ReadSpec {
+        ReadSpec {
+            server,
+            file: file.into(),
+            blksize,
+            windowsize: None,
+            timeout: Duration::from_secs(1),
+            retries: 10,
         }
     }
-}
 
-struct TransferIo<'a> {
-    sock: &'a std::net::UdpSocket,
-    peer: SocketAddr,
-    content: &'a Content,
-    /// Sends each window's blocks in as few system calls as the path allows.
-    sender: BurstSender,
-    /// Read-ahead of a large file: `ahead` holds the bytes from offset `ahead_at`.
-    ahead: Vec<u8>,
-    ahead_at: u64,
-}
+    /// A client that sends its RRQ and then neither reads nor answers: the server keeps
+    /// retransmitting into a socket nobody drains.
+    fn silent_client(server: SocketAddr, file: &str) -> StdUdp {
+        let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+        let opts = [("blksize", "1468"), ("windowsize", "64")];
+        sock.send_to(&wire::encode_request(false, file, "octet", &opts), server)
+            .unwrap();
+        sock
+    }
 
-impl TransferIo<'_> {
-    /// Send the engine's datagrams (reading a window of a large file in one go) and report
-    /// its events.
-    fn apply(&mut self, outs: Vec<Output>, report: &Reporter) -> io::Result<()> {
-        // A large file: make sure the span of this batch's DATA blocks is in the read-ahead
-        // buffer, refilling it with one pread of at least READ_AHEAD_BYTES.
-        if let Content::Disk(file, file_len) = self.content {
-            let span = outs
+    /// One event thread, three bad clients on it (one silent, one gone so every send draws
+    /// ICMP port unreachable, one acknowledging a block every 300 ms): a lock-step download
+    /// on the same thread still runs at loopback speed, and the slow transfer is still alive
+    /// afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_clients_do_not_hold_up_a_transfer_on_the_same_event_thread() {
+        let big = pattern(4 << 20, 1);
+        let small = pattern(1 << 20, 2);
+        let (server, stop, _dir) = start(1, &[("big.bin", &big), ("small.bin", &small)]).await;
+        let silent = silent_client(server, "big.bin");
+        let gone = silent_client(server, "big.bin");
+        drop(gone);
+        /// Blocks the slow client acknowledges before it is satisfied.
+        const SLOW_BLOCKS: u16 = 4;
+        let slow = {
+            std::thread::spawn(move || {
+                let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                sock.send_to(
+                    &wire::encode_request(false, "big.bin", "octet", &[]),
+                    server,
+                )
+                .unwrap();
+                let mut buf = [0u8; 600];
+                let mut acked = 0u16;
+                while acked < SLOW_BLOCKS {
+                    let (n, from) = sock.recv_from(&mut buf).unwrap();
+                    if let Ok(Packet::Data(block, _)) = wire::parse(&buf[..n])
+                        && block == acked.wrapping_add(1)
+                    {
+                        std::thread::sleep(Duration::from_millis(300));
+                        acked = block;
+                        sock.send_to(&wire::encode_ack(block), from).unwrap();
+                    }
+                }
+                acked
+            })
+        };
+        // Let the stallers' transfers start and their first windows go out.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let got = client::read(
+            &spec(server, "small.bin", Some(1468)),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(got.bytes, small.len() as u64);
+        assert_eq!(got.checksum, client::fnv1a(client::FNV_START, &small));
+        assert_eq!(got.timeouts, 0, "no retransmission was needed");
+        // 715 lock-step blocks take well under a second on loopback, even in a debug build on
+        // a busy machine; a loop that waited on a stalled transfer's socket or timer (1 s)
+        // would take minutes.
+        assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+        // The slow transfer goes on after the fast one (the server answers each of its ACKs).
+        let acked = tokio::task::spawn_blocking(move || slow.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(acked, SLOW_BLOCKS);
+        // The silent client's transfer is alive too: its socket holds the window and the
+        // server's retransmissions.
+        silent.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = silent.recv_from(&mut buf).unwrap();
+        assert!(matches!(wire::parse(&buf[..n]), Ok(Packet::Oack(_))));
+        stop.cancel();
+    }
+
+    /// Several transfers on one event thread all get the shutdown ERROR.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_reaches_every_transfer_of_an_event_thread() {
+        let big = pattern(1 << 20, 3);
+        let (server, stop, _dir) = start(1, &[("big.bin", &big)]).await;
+        let clients: Vec<StdUdp> = (0..5)
+            .map(|_| {
+                let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                sock.send_to(
+                    &wire::encode_request(false, "big.bin", "octet", &[]),
+                    server,
+                )
+                .unwrap();
+                let mut buf = [0u8; 600];
+                let (n, _) = sock.recv_from(&mut buf).unwrap();
+                assert!(matches!(wire::parse(&buf[..n]), Ok(Packet::Data(1, _))));
+                sock
+            })
+            .collect();
+        stop.cancel();
+        let errors = tokio::task::spawn_blocking(move || {
+            clients
                 .iter()
-                .filter_map(|o| match o {
-                    Output::Send(Datagram::Data { offset, len, .. }) => {
-                        Some((*offset, *offset + *len as u64))
+                .map(|sock| {
+                    let mut buf = [0u8; 600];
+                    loop {
+                        let (n, _) = sock.recv_from(&mut buf).unwrap();
+                        match wire::parse(&buf[..n]).unwrap() {
+                            Packet::Data(1, _) => continue,
+                            Packet::Error(code, msg) => return (code, msg.to_string()),
+                            other => panic!("unexpected {other:?}"),
+                        }
                     }
-                    _ => None,
                 })
-                .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
-            if let Some((start, end)) = span
-                && !(self.ahead_at <= start && end <= self.ahead_at + self.ahead.len() as u64)
-            {
-                let stop = end.max(start + READ_AHEAD_BYTES).min(*file_len).max(end);
-                let size = usize::try_from(stop - start).map_err(io::Error::other)?;
-                self.ahead.resize(size, 0);
-                // A file that shrank is an error, not short data.
-                file.read_exact_at(&mut self.ahead, start)?;
-                self.ahead_at = start;
-            }
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for error in errors {
+            assert_eq!(error, (0, "server shutting down".to_string()));
         }
-        // Consecutive DATA blocks (a window) leave together; anything else flushes them first,
-        // so the order on the wire is the engine's.
-        let mut blocks: Vec<Block<'_>> = Vec::new();
-        for out in outs {
-            match out {
-                Output::Send(Datagram::Data { block, offset, len }) => {
-                    let payload = match self.content {
-                        Content::Memory(b) => slice(b, offset, len),
-                        Content::Disk(..) => offset
-                            .checked_sub(self.ahead_at)
-                            .and_then(|o| slice(&self.ahead, o, len)),
-                    }
-                    .ok_or_else(|| io::Error::other("block outside the file"))?;
-                    blocks.push(Block {
-                        number: block,
-                        payload,
-                    });
-                }
-                Output::Send(Datagram::Bytes(b)) => {
-                    self.sender.send(self.sock, self.peer, &blocks)?;
-                    blocks.clear();
-                    self.sock.send_to(&b, self.peer)?;
-                }
-                Output::Event(e) => {
-                    self.sender.send(self.sock, self.peer, &blocks)?;
-                    blocks.clear();
-                    report.event(e);
-                }
-            }
-        }
-        self.sender.send(self.sock, self.peer, &blocks)
     }
-}
-
-fn slice(bytes: &[u8], offset: u64, len: usize) -> Option<&[u8]> {
-    let start = usize::try_from(offset).ok()?;
-    bytes.get(start..start.checked_add(len)?)
 }

@@ -959,6 +959,62 @@ async fn transfer_survives_a_request_flood() {
     );
 }
 
+/// 300 clients at once (the in-tree client, lock-step and windowed, three blksizes, three
+/// files): every one gets its file byte for byte, without a failure. The transfers share the
+/// server's few event threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_transfers_arrive_byte_exact() {
+    use pxed::tftp::client::{self, ReadSpec};
+    const CLIENTS: usize = 300;
+    let lab = Lab::start(TftpConfig {
+        max_transfers: 1024,
+        max_transfers_per_client: 1024,
+        ..TftpConfig::default()
+    })
+    .await;
+    let files: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| {
+            (
+                format!("file{i}.bin"),
+                noise(200_000 + 7_001 * i as usize, 40 + i),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        lab.put(name, data);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..CLIENTS {
+        let (name, data) = &files[i % files.len()];
+        let spec = ReadSpec {
+            server: lab.addr,
+            file: name.clone(),
+            blksize: [None, Some(1468), Some(8192)][(i / 9) % 3],
+            windowsize: [None, None, Some(8)][(i / 3) % 3],
+            timeout: Duration::from_secs(1),
+            retries: 10,
+        };
+        let want = (data.len() as u64, client::fnv1a(client::FNV_START, data));
+        set.spawn(async move {
+            let got = client::read(&spec, "127.0.0.1:0".parse().unwrap()).await;
+            (i, spec, want, got)
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        let (i, spec, want, got) = joined.unwrap();
+        match got {
+            Ok(r) if (r.bytes, r.checksum) == want => {}
+            other => failures.push(format!("client {i} ({spec:?}): {other:?}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+}
+
 /// `tftp_root` in a profile: a real client (curl) whose machine entry picks that profile gets
 /// the profile root's file; another client gets the main root's file of the same name, and
 /// neither can climb out of its root.
@@ -1083,7 +1139,7 @@ profile = "installer"
 }
 
 /// Stopping the server ends a running transfer with an ERROR to its client (the transfer runs
-/// on its own thread, which must still see the shutdown).
+/// on an event thread, outside tokio, which must still see the shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_sends_error_to_a_running_transfer() {
     let mut lab = Lab::start(TftpConfig::default()).await;
