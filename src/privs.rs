@@ -185,6 +185,19 @@ pub fn drop_to(user: &User, keep: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this thread's real, effective and saved user and group ids are already `uid` and
+/// `gid` (raw system calls: async-signal-safe).
+fn switched(uid: u32, gid: u32) -> bool {
+    let (mut r, mut e, mut s) = (0u32, 0u32, 0u32);
+    let (mut rg, mut eg, mut sg) = (0u32, 0u32, 0u32);
+    // SAFETY: the kernel writes three ids through valid pointers to live locals.
+    let ok = unsafe {
+        libc::syscall(libc::SYS_getresuid, &mut r, &mut e, &mut s) == 0
+            && libc::syscall(libc::SYS_getresgid, &mut rg, &mut eg, &mut sg) == 0
+    };
+    ok && [r, e, s] == [uid; 3] && [rg, eg, sg] == [gid; 3]
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     if apply() {
         DONE.fetch_add(1, Ordering::SeqCst);
@@ -218,6 +231,17 @@ fn apply() -> bool {
         },
     ];
     let groups = [gid];
+    // A thread started during the switch by a thread that had already switched inherits the
+    // new user (and no CAP_SETUID/CAP_SETGID, so the calls below would fail) and may still
+    // be found by a rescan: it only needs its capabilities set (a reduction, always allowed)
+    // and no-new-privileges.
+    if switched(uid, gid) {
+        // SAFETY: raw system calls on this thread with valid pointers to live locals.
+        return unsafe {
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) == 0
+                && libc::syscall(libc::SYS_prctl, libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+        };
+    }
     // SAFETY: raw system calls on this thread with valid pointers to live locals.
     unsafe {
         libc::syscall(libc::SYS_prctl, libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) == 0
