@@ -137,9 +137,12 @@ pub(crate) fn parse_head(buf: &[u8]) -> Head {
         }
         headers.append(name, value);
     }
-    // Decoded as the router's `Query` extractor does; a later duplicate wins there too.
-    let query = serde_urlencoded::from_str::<Vec<(String, String)>>(query)
-        .unwrap_or_default()
+    // Decoded as the router's `Query` extractor does (a later duplicate wins there too); a
+    // query it would refuse goes to it.
+    let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(query) else {
+        return Head::Pass;
+    };
+    let query = pairs
         .into_iter()
         .filter(|(k, _)| k == "mac" || k == "kind")
         .collect();
@@ -467,11 +470,20 @@ async fn serve_asset(
     // The head waits for the first body bytes (MSG_MORE), so both leave in one segment.
     send_all(stream.get_ref(), &head, count > 0).await?;
     let bytes = state.metrics.asset_bytes.clone();
-    if let Err(err) = send_file(stream.get_ref(), &opened.file, start, count, |n| {
+    let sending = send_file(stream.get_ref(), &opened.file, start, count, |n| {
         bytes.inc_by(n);
-    })
-    .await
-    {
+    });
+    // As in the router's path: once shutdown starts, a download has SHUTDOWN_GRACE to finish.
+    let mut shutdown = state.shutdown.clone();
+    let grace = async move {
+        let _ = shutdown.wait_for(|down| *down).await;
+        tokio::time::sleep(server::SHUTDOWN_GRACE).await;
+    };
+    let sent = tokio::select! {
+        sent = sending => sent,
+        () = grace => Err(io::Error::other("server shutting down")),
+    };
+    if let Err(err) = sent {
         if err.kind() == io::ErrorKind::UnexpectedEof {
             tracing::warn!(%err, path = %opened.path.display(), "cannot send");
         }
