@@ -474,14 +474,11 @@ async fn serve_asset(
         bytes.inc_by(n);
     });
     // As in the router's path: once shutdown starts, a download has SHUTDOWN_GRACE to finish.
-    let mut shutdown = state.shutdown.clone();
-    let grace = async move {
-        let _ = shutdown.wait_for(|down| *down).await;
-        tokio::time::sleep(server::SHUTDOWN_GRACE).await;
-    };
     let sent = tokio::select! {
         sent = sending => sent,
-        () = grace => Err(io::Error::other("server shutting down")),
+        () = server::grace_ended(state.shutdown.clone()) => {
+            Err(io::Error::other("server shutting down"))
+        }
     };
     if let Err(err) = sent {
         if err.kind() == io::ErrorKind::UnexpectedEof {

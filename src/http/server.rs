@@ -377,12 +377,7 @@ where
         shutdown.await;
         let _ = tx2.send(true);
     });
-    let mut rx2 = rx;
-    let grace = async move {
-        // Wait for shutdown to start, then give open requests their grace period.
-        let _ = rx2.wait_for(|down| *down).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
+    let grace = grace_ended(rx);
     let result = tokio::select! {
         r = server => r.map_err(anyhow::Error::from),
         () = grace => {
@@ -395,6 +390,12 @@ where
     }
     drop(tx);
     result
+}
+
+/// Completes [`SHUTDOWN_GRACE`] after shutdown starts: how long open requests may still run.
+pub(crate) async fn grace_ended(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|down| *down).await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
 }
 
 async fn count_events(mut rx: tokio::sync::broadcast::Receiver<BootEvent>, metrics: Arc<Metrics>) {

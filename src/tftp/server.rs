@@ -688,12 +688,17 @@ mod tests {
 
     /// A client that sends its RRQ and then neither reads nor answers: the server keeps
     /// retransmitting into a socket nobody drains.
-    fn silent_client(server: SocketAddr, file: &str) -> StdUdp {
+    /// A client socket (5 s read timeout) that has sent a read request for `file`.
+    fn requesting_client(server: SocketAddr, file: &str, opts: &[(&str, &str)]) -> StdUdp {
         let sock = StdUdp::bind("127.0.0.1:0").unwrap();
-        let opts = [("blksize", "1468"), ("windowsize", "64")];
-        sock.send_to(&wire::encode_request(false, file, "octet", &opts), server)
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        sock.send_to(&wire::encode_request(false, file, "octet", opts), server)
             .unwrap();
         sock
+    }
+
+    fn silent_client(server: SocketAddr, file: &str) -> StdUdp {
+        requesting_client(server, file, &[("blksize", "1468"), ("windowsize", "64")])
     }
 
     /// One event thread, three bad clients on it (one silent, one gone so every send draws
@@ -712,13 +717,7 @@ mod tests {
         const SLOW_BLOCKS: u16 = 4;
         let slow = {
             std::thread::spawn(move || {
-                let sock = StdUdp::bind("127.0.0.1:0").unwrap();
-                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                sock.send_to(
-                    &wire::encode_request(false, "big.bin", "octet", &[]),
-                    server,
-                )
-                .unwrap();
+                let sock = requesting_client(server, "big.bin", &[]);
                 let mut buf = [0u8; 600];
                 let mut acked = 0u16;
                 while acked < SLOW_BLOCKS {
@@ -772,13 +771,7 @@ mod tests {
         let (server, stop, _dir) = start(1, &[("big.bin", &big)]).await;
         let clients: Vec<StdUdp> = (0..5)
             .map(|_| {
-                let sock = StdUdp::bind("127.0.0.1:0").unwrap();
-                sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                sock.send_to(
-                    &wire::encode_request(false, "big.bin", "octet", &[]),
-                    server,
-                )
-                .unwrap();
+                let sock = requesting_client(server, "big.bin", &[]);
                 let mut buf = [0u8; 600];
                 let (n, _) = sock.recv_from(&mut buf).unwrap();
                 assert!(matches!(wire::parse(&buf[..n]), Ok(Packet::Data(1, _))));
