@@ -1196,6 +1196,12 @@ fn kernel_arg(script: &str, key: &str) -> String {
         .to_string()
 }
 
+/// `token` with its last character replaced by a different hex digit.
+fn altered_last_digit(token: &str) -> String {
+    let (head, last) = token.split_at(token.len() - 1);
+    format!("{head}{}", if last == "0" { '1' } else { '0' })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_tokens_and_one_shot_install() {
     let state_dir = tempfile::tempdir().unwrap();
@@ -1261,7 +1267,9 @@ async fn templates_tokens_and_one_shot_install() {
     for bad in [
         preseed.replace("52-54-00-aa-00-01", "52-54-00-aa-00-02"),
         preseed.replace("/install/", "/other/"),
-        preseed.replace(&token, &format!("{}0", &token[..token.len() - 1])),
+        // The last hex digit changed (to '1' if it was '0'; any fixed digit would
+        // leave one token in sixteen unaltered).
+        preseed.replace(&token, &altered_last_digit(&token)),
     ] {
         assert_eq!(curl(&[&bad]).await.status, 403, "{bad}");
     }
