@@ -4,6 +4,10 @@
 //! connection, so a cap on connections is also a cap on concurrent downloads. A connection over
 //! a cap gets `503 Service Unavailable` with `Retry-After` and is closed; iPXE and curl report
 //! it, and a retry succeeds once other downloads finish.
+//!
+//! A connection whose client takes no bytes for `[http] send_timeout_secs` is closed
+//! ([`Limited`] for everything hyper writes, `sendfile`'s own loop for boot assets): a client
+//! that stops reading must not keep its place under the caps.
 
 use std::collections::HashMap;
 use std::io;
@@ -17,6 +21,7 @@ use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
 
 use crate::mac::MacAddr;
 
@@ -26,6 +31,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default `[http] max_connections_per_ip`: one booting machine opens a handful (script,
 /// kernel, initrd, sanboot's parallel ranges); 64 leaves room for NAT and test rigs.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// Default `[http] send_timeout_secs`: nginx's `send_timeout`. A firmware that is busy (writing
+/// a disk, decompressing) still drains its receive window well within it.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long writing the 503 to a refused client may take before it is just closed.
 const REFUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -44,16 +52,24 @@ pub struct ConnLimits {
     counts: Arc<Mutex<Counts>>,
     max_total: usize,
     max_per_ip: usize,
+    send_timeout: Duration,
 }
 
 impl ConnLimits {
-    /// Limits of `max_total` connections, `max_per_ip` from one IP.
-    pub fn new(max_total: usize, max_per_ip: usize) -> ConnLimits {
+    /// Limits of `max_total` connections, `max_per_ip` from one IP, and `send_timeout` without
+    /// progress while writing to one.
+    pub fn new(max_total: usize, max_per_ip: usize, send_timeout: Duration) -> ConnLimits {
         ConnLimits {
             counts: Arc::default(),
             max_total,
             max_per_ip,
+            send_timeout,
         }
+    }
+
+    /// How long a write may wait for the client to take bytes.
+    pub fn send_timeout(&self) -> Duration {
+        self.send_timeout
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -103,10 +119,15 @@ impl Drop for ConnPermit {
     }
 }
 
-/// A connection that holds its permit.
+/// A connection that holds its permit, and fails a write that waits longer than the send
+/// timeout for the client to take bytes.
 pub struct Limited<S> {
     inner: S,
-    _permit: ConnPermit,
+    permit: ConnPermit,
+    /// Armed while a write waits; reset (not reallocated) for each wait, because a fast
+    /// download waits for socket space thousands of times per second.
+    stall: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
 }
 
 impl<S> Limited<S> {
@@ -114,7 +135,9 @@ impl<S> Limited<S> {
     pub fn new(inner: S, permit: ConnPermit) -> Limited<S> {
         Limited {
             inner,
-            _permit: permit,
+            permit,
+            stall: None,
+            waiting: false,
         }
     }
 
@@ -122,6 +145,51 @@ impl<S> Limited<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// How long a write may wait for the client to take bytes.
+    pub fn send_timeout(&self) -> Duration {
+        self.permit.limits.send_timeout
+    }
+
+    /// The client's IP (the one its permit counts against).
+    pub fn client_ip(&self) -> IpAddr {
+        self.permit.ip
+    }
+
+    /// Pass a write's result through; a write still waiting after the send timeout becomes a
+    /// `TimedOut` error, which ends the connection.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.waiting = false;
+            return poll;
+        }
+        let timeout = self.send_timeout();
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if !self.waiting {
+            self.waiting = true;
+            stall.as_mut().reset(Instant::now() + timeout);
+        }
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(stalled(self.permit.ip, timeout))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The error of a write the client left waiting for `timeout` (logged here: hyper drops it
+/// silently).
+pub(crate) fn stalled(client: IpAddr, timeout: Duration) -> io::Error {
+    tracing::info!(
+        %client,
+        "HTTP client took no data for {} s (send_timeout_secs); connection closed",
+        timeout.as_secs()
+    );
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the client took no data for {} s", timeout.as_secs()),
+    )
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
@@ -140,20 +208,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -240,11 +312,64 @@ impl Connected<IncomingStream<'_, LimitedListener>> for ClientAddr {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+
     use super::*;
+
+    const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// A `Limited` end of an in-memory pipe that holds `room` bytes, and the client's end.
+    fn pipe(room: usize) -> (Limited<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let limits = ConnLimits::new(4, 4, SEND_TIMEOUT);
+        let permit = limits.try_acquire("10.0.0.1".parse().unwrap()).unwrap();
+        let (server, client) = tokio::io::duplex(room);
+        (Limited::new(server, permit), client)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_fails_the_write_after_the_send_timeout() {
+        let (mut server, mut client) = pipe(1024);
+        let started = Instant::now();
+        let body = vec![7u8; 64 << 10];
+        let mut first = [0u8; 512];
+        // The client takes 512 bytes, then nothing more.
+        let (written, read) = tokio::join!(server.write_all(&body), client.read_exact(&mut first));
+        read.unwrap();
+        let err = written.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("took no data for 60 s"), "{err}");
+        // Virtual time: exactly one timeout after the last byte was taken.
+        assert_eq!(started.elapsed(), SEND_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_that_keeps_reading_is_never_cut() {
+        let (mut server, mut client) = pipe(1024);
+        let body = vec![7u8; 16 << 10];
+        let reader = async {
+            let mut got = 0;
+            let mut chunk = [0u8; 1024];
+            // One read every 59 s: 16 reads take far longer than the send timeout in total,
+            // but the writer never waits 60 s at once.
+            loop {
+                tokio::time::sleep(SEND_TIMEOUT - Duration::from_secs(1)).await;
+                match client.read(&mut chunk).await.unwrap() {
+                    0 => return got,
+                    n => got += n,
+                }
+            }
+        };
+        let writer = async {
+            server.write_all(&body).await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        assert_eq!(got, body.len());
+    }
 
     #[test]
     fn caps_per_ip_and_total() {
-        let l = ConnLimits::new(3, 2);
+        let l = ConnLimits::new(3, 2, DEFAULT_SEND_TIMEOUT);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let p1 = l.try_acquire(a).unwrap();

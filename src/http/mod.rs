@@ -31,6 +31,7 @@ pub mod token;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -71,6 +72,12 @@ pub struct HttpConfig {
     /// Most connections open at once from one client IP (a whole lab booting behind one NAT
     /// needs more; one machine needs a few).
     pub max_connections_per_ip: usize,
+    /// Seconds a client may take no bytes of a response before pxed closes the connection (the
+    /// time between two successful writes, as nginx's `send_timeout`). Without it a client that
+    /// stops reading holds its connection, and its place under `max_connections_per_ip`, until
+    /// TCP gives up (about 15 minutes of retransmissions, or never while the peer's window
+    /// stays shut).
+    pub send_timeout_secs: u64,
 }
 
 impl HttpConfig {
@@ -86,7 +93,15 @@ impl HttpConfig {
                 token::API_TOKEN_FILE
             ));
         }
+        if self.send_timeout_secs == 0 {
+            return Err("send_timeout_secs must be at least 1".to_string());
+        }
         Ok(())
+    }
+
+    /// `send_timeout_secs` as a duration.
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.send_timeout_secs)
     }
 }
 
@@ -103,6 +118,7 @@ impl Default for HttpConfig {
             tls_port: 8443,
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
+            send_timeout_secs: limits::DEFAULT_SEND_TIMEOUT.as_secs(),
         }
     }
 }

@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::assets::{self, PathError};
-use super::limits::{ClientAddr, Limited, LimitedListener};
+use super::limits::{self, ClientAddr, Limited, LimitedListener};
 use super::server::{self, HttpState, RequestLabels};
 
 /// Longest request head read here; a longer one goes to hyper, with its own limit (~400 KiB).
@@ -430,7 +430,7 @@ async fn serve_asset(
     };
     let (rel, shown) = match server::asset_path(&path) {
         Ok(found) => found,
-        Err(e) => return send_all(stream.get_ref(), &refuse(e), false).await,
+        Err(e) => return send_all(stream, &refuse(e), false).await,
     };
     let root = state.root.clone();
     let blocking_method = method.clone();
@@ -445,14 +445,14 @@ async fn serve_asset(
     .await;
     let (opened, decision) = match prepared {
         Ok(Ok(prepared)) => prepared,
-        Ok(Err(e)) => return send_all(stream.get_ref(), &refuse(e), false).await,
+        Ok(Err(e)) => return send_all(stream, &refuse(e), false).await,
         Err(e) => {
             // The task panicked or the runtime is shutting down: not the client's fault.
             tracing::error!("file task failed: {e}");
             let status = StatusCode::INTERNAL_SERVER_ERROR;
             count_status(status);
             let out = text_response(&method, status, "internal error\n", true);
-            send_all(stream.get_ref(), &out, false).await?;
+            send_all(stream, &out, false).await?;
             return Err(io::Error::other("file task failed"));
         }
     };
@@ -461,16 +461,16 @@ async fn serve_asset(
     let complete = server::asset_served(state, mac, &method, stage, &served);
     let head = response_head(decision.status, &decision.headers, close, SystemTime::now());
     let Some((start, count)) = decision.body else {
-        send_all(stream.get_ref(), &head, false).await?;
+        send_all(stream, &head, false).await?;
         if let Some(report) = complete {
             report();
         }
         return Ok(());
     };
     // The head waits for the first body bytes (MSG_MORE), so both leave in one segment.
-    send_all(stream.get_ref(), &head, count > 0).await?;
+    send_all(stream, &head, count > 0).await?;
     let bytes = state.metrics.asset_bytes.clone();
-    let sending = send_file(stream.get_ref(), &opened.file, start, count, |n| {
+    let sending = send_file(stream, &opened.file, start, count, |n| {
         bytes.inc_by(n);
     });
     // As in the router's path: once shutdown starts, a download has SHUTDOWN_GRACE to finish.
@@ -504,20 +504,32 @@ fn will_need(file: &std::fs::File, start: u64, count: u64) {
         unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
 }
 
+/// Run one write `call` when the socket can take bytes; an error when the client took none for
+/// the connection's send timeout (`[http] send_timeout_secs`, as in the router's path).
+async fn write_progress<T>(
+    stream: &Limited<TcpStream>,
+    call: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let sock = stream.get_ref();
+    let timeout = stream.send_timeout();
+    match tokio::time::timeout(timeout, sock.async_io(Interest::WRITABLE, call)).await {
+        Ok(done) => done,
+        Err(_) => Err(limits::stalled(stream.client_ip(), timeout)),
+    }
+}
+
 /// Write all of `bytes`; with `more`, tell the kernel more data follows at once (MSG_MORE).
-async fn send_all(sock: &TcpStream, bytes: &[u8], more: bool) -> io::Result<()> {
+async fn send_all(stream: &Limited<TcpStream>, bytes: &[u8], more: bool) -> io::Result<()> {
     let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    let fd = stream.get_ref().as_raw_fd();
     let mut at = 0;
     while let Some(rest) = bytes.get(at..).filter(|r| !r.is_empty()) {
-        let n = sock
-            .async_io(Interest::WRITABLE, || {
-                // SAFETY: `rest` is a live buffer of the given length; the socket is open.
-                let n = unsafe {
-                    libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), flags)
-                };
-                usize::try_from(n).map_err(|_| io::Error::last_os_error())
-            })
-            .await?;
+        let n = write_progress(stream, || {
+            // SAFETY: `rest` is a live buffer of the given length; the socket is open.
+            let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), flags) };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        })
+        .await?;
         at += n;
     }
     Ok(())
@@ -526,28 +538,26 @@ async fn send_all(sock: &TcpStream, bytes: &[u8], more: bool) -> io::Result<()> 
 /// Send `count` bytes of `file` from `start` with `sendfile`, calling `on_sent` with each
 /// call's byte count. A file that ends early is an `UnexpectedEof` error.
 async fn send_file(
-    sock: &TcpStream,
+    stream: &Limited<TcpStream>,
     file: &std::fs::File,
     start: u64,
     count: u64,
     on_sent: impl Fn(u64),
 ) -> io::Result<()> {
+    let fd = stream.get_ref().as_raw_fd();
     let mut offset = libc::off_t::try_from(start).map_err(io::Error::other)?;
     let mut left = count;
     while left > 0 {
         let chunk = usize::try_from(left)
             .unwrap_or(usize::MAX)
             .min(SENDFILE_CHUNK);
-        let sent = sock
-            .async_io(Interest::WRITABLE, || {
-                // SAFETY: both descriptors are open for the call; the kernel reads `chunk`
-                // bytes at `offset` and advances `offset` by what it sent.
-                let n = unsafe {
-                    libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut offset, chunk)
-                };
-                u64::try_from(n).map_err(|_| io::Error::last_os_error())
-            })
-            .await?;
+        let sent = write_progress(stream, || {
+            // SAFETY: both descriptors are open for the call; the kernel reads `chunk` bytes at
+            // `offset` and advances `offset` by what it sent.
+            let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &mut offset, chunk) };
+            u64::try_from(n).map_err(|_| io::Error::last_os_error())
+        })
+        .await?;
         if sent == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

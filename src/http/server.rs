@@ -90,7 +90,11 @@ impl HttpState {
             tracing::error!("no random token secret ({e}); tokens are guessable");
             Secret::from_bytes([0; super::token::SECRET_LEN])
         });
-        let limits = ConnLimits::new(config.max_connections, config.max_connections_per_ip);
+        let limits = ConnLimits::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+            config.send_timeout(),
+        );
         HttpState {
             root,
             policy,

@@ -1437,6 +1437,99 @@ async fn connection_caps_per_ip_and_global() {
     assert_eq!(r.status, 200);
 }
 
+/// A client that stops reading a download is disconnected after `send_timeout_secs`, on the
+/// sendfile path (an asset request first on its connection) and on hyper's (an asset request
+/// after an API request), and its place under the per-IP cap is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
+    const SIZE: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    // Sparse: a GiB that costs no disk, far more than any socket buffers hold.
+    std::fs::File::create(dir.path().join("big"))
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    std::fs::write(dir.path().join("f"), b"file").unwrap();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = HttpConfig {
+        port,
+        max_connections_per_ip: 1,
+        send_timeout_secs: 1,
+        ..HttpConfig::default()
+    };
+    let policy = Arc::new(RwLock::new(PolicyConfig::default().validate().unwrap()));
+    let server = ServerAddrs {
+        ip: Ipv4Addr::LOCALHOST,
+        http_port: port,
+    };
+    let state = HttpState::new(dir.path().into(), policy, server, EventBus::new(), config);
+    let limits = state.limits.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(pxed::http::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+    let _stop = tx;
+    let url = format!("http://127.0.0.1:{port}/f");
+
+    for (path, requests) in [
+        (
+            "sendfile",
+            "GET /big HTTP/1.1\r\nHost: pxed\r\n\r\n".to_string(),
+        ),
+        (
+            "hyper",
+            "GET /metrics HTTP/1.1\r\nHost: pxed\r\n\r\nGET /big HTTP/1.1\r\nHost: pxed\r\n\r\n"
+                .to_string(),
+        ),
+    ] {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small receive buffer, so the server's writes wait soon.
+        sock.set_recv_buffer_size(64 << 10).unwrap();
+        let mut conn = sock
+            .connect((Ipv4Addr::LOCALHOST, port).into())
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut conn, requests.as_bytes())
+            .await
+            .unwrap();
+        // The one place this IP has is taken while the download waits for us.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while limits.open() != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{path}: connection never counted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(curl(&[&url]).await.status, 503, "{path}");
+        // We read nothing: after the send timeout pxed closes the connection.
+        let stalled = Instant::now();
+        let deadline = stalled + Duration::from_secs(20);
+        while limits.open() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{path}: a client that reads nothing still holds its connection"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(stalled.elapsed() >= Duration::from_millis(500), "{path}");
+        let r = curl(&[&url]).await;
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"file"[..]), "{path}");
+        // What did arrive ends short of the file: the response was cut, not finished.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got)).await;
+        assert!(
+            (got.len() as u64) < SIZE / 2,
+            "{path}: {} bytes arrived",
+            got.len()
+        );
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{path}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_serves_the_api_not_the_assets() {
     let s = start().await;

@@ -237,10 +237,11 @@ match = {{ mac = ["{MAC}"] }}
     wait_for("the kernel to run the APPEND line", BOOT_DEADLINE, || {
         serial_contains(&serial, CMDLINE_MARKER).then_some(())
     });
-    assert!(serial_contains(
-        &serial,
-        &format!("pxed: {MAC} boots profile node")
-    ));
+    assert!(
+        serial_contains(&serial, &format!("pxed: {MAC} boots profile node")),
+        "pxelinux's SAY line is missing; serial:\n{}",
+        String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default())
+    );
     // The virtual file was found at the MAC step: the tree's later names were never read.
     let asked = lab.requested(MAC);
     assert!(
