@@ -19,12 +19,13 @@ for line in open(sys.argv[1]):
     if rec["kind"] == "peak_rss_kib":
         rss[(rec["leg"], rec["server"])] = rec["result"]
         continue
-    runs[key].append(rec["result"])
+    # The server's CPU for the run is measured around the client, outside its result.
+    runs[key].append(dict(rec["result"], server_cpu_s=rec.get("server_cpu_s")))
     loads[rec["leg"]].append(rec["load_avg"])
 
 
 def median(key, field):
-    vals = [r[field] for r in runs.get(key, []) if r["failures"] == 0]
+    vals = [r[field] for r in runs.get(key, []) if r["failures"] == 0 and r.get(field) is not None]
     return statistics.median(vals) if vals else None
 
 
@@ -92,6 +93,20 @@ for leg in sorted({k[0] for k in runs}, key=lambda l: l != "loopback"):
         row.append(f"{best[0] / px:.2f}x ({best[1]})" if px and best else "-")
         pr = [r for r in runs.get((leg, "pxed", kind), [])]
         row.append(", ".join(f"{r['client_cpu_s']:.1f}/{r['wall_s']:.1f} s" for r in pr) or "-")
+        print("| " + " | ".join(row) + " |")
+    print("\nServer CPU for the same runs (user + system seconds, median): what serving the clients cost"
+          " each server, a measure the load generator takes no part in; pxed / best peer, lower is"
+          " better.\n")
+    print("| clients | pxed | tftpd-hpa | dnsmasq | atftpd | pxed / best peer |")
+    print("|---|---|---|---|---|---|")
+    for kind in sorted({k[2] for k in runs if k[0] == leg and k[2].startswith("concurrent")},
+                       key=lambda k: int(k.split("=")[1])):
+        cpu = {s: median((leg, s, kind), "server_cpu_s") for s in ["pxed"] + PEERS}
+        row = [kind.split("=")[1]] + [fmt(cpu[s], " s") if cpu[s] is not None else "n/a"
+                                      for s in ["pxed"] + PEERS]
+        peers = [(cpu[p], p) for p in PEERS if cpu[p] is not None]
+        best = min(peers) if peers else None
+        row.append(f"{cpu['pxed'] / best[0]:.2f}x ({best[1]})" if cpu["pxed"] and best else "-")
         print("| " + " | ".join(row) + " |")
     print("\nServer peak RSS (VmHWM, KiB): " + ", ".join(
         f"{s} {rss[(leg, s)] if rss[(leg, s)] is not None else 'n/a (process gone)'}" for s in ["pxed"] + PEERS if (leg, s) in rss))

@@ -42,8 +42,8 @@ pub struct ReadSpec {
 pub struct ReadResult {
     /// Bytes received.
     pub bytes: u64,
-    /// FNV-1a over the bytes, to compare with the file's.
-    pub checksum: u64,
+    /// CRC-32 of the bytes ([`checksum`]), to compare with the file's.
+    pub checksum: u32,
     /// Wall time from RRQ to the last ACK.
     pub elapsed: Duration,
     /// Blocks received again or out of order.
@@ -56,16 +56,11 @@ pub struct ReadResult {
     pub windowsize: u16,
 }
 
-/// FNV-1a 64 offset basis.
-pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// Fold bytes into an FNV-1a 64 checksum.
-pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// The checksum a read reports for `bytes`: CRC-32 (IEEE). crc32fast runs it with carry-less
+/// multiplication at many bytes per cycle; the FNV-1a loop it replaced (one multiply per byte)
+/// took a fifth of the benchmark client's CPU at 1000 concurrent reads.
+pub fn checksum(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
 }
 
 /// Read one file. Errors: the server's ERROR packet (as `io::ErrorKind::Other` with its text),
@@ -105,7 +100,7 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
     let mut in_window = 0u32;
     let mut result = ReadResult {
         bytes: 0,
-        checksum: FNV_START,
+        checksum: 0,
         elapsed: Duration::ZERO,
         duplicates: 0,
         timeouts: 0,
@@ -114,6 +109,7 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
     };
     let mut tries = 0u32;
     let mut gap_acked = false;
+    let mut crc = crc32fast::Hasher::new();
     let mut progress = Instant::now();
     loop {
         // The timer runs from the last progress, not the last packet: stale retransmissions
@@ -182,7 +178,7 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
                 gap_acked = false;
                 progress = Instant::now();
                 result.bytes += payload.len() as u64;
-                result.checksum = fnv1a(result.checksum, payload);
+                crc.update(payload);
                 in_window += 1;
                 let last = payload.len() < blksize;
                 if last || in_window >= window {
@@ -192,6 +188,7 @@ pub async fn read(spec: &ReadSpec, bind: SocketAddr) -> io::Result<ReadResult> {
                 }
                 expected = expected.wrapping_add(1);
                 if last {
+                    result.checksum = crc.finalize();
                     result.elapsed = started.elapsed();
                     result.blksize = u16::try_from(blksize).unwrap_or(u16::MAX);
                     result.windowsize = u16::try_from(window).unwrap_or(u16::MAX);

@@ -744,7 +744,7 @@ mod tests {
         .unwrap();
         let elapsed = started.elapsed();
         assert_eq!(got.bytes, small.len() as u64);
-        assert_eq!(got.checksum, client::fnv1a(client::FNV_START, &small));
+        assert_eq!(got.checksum, client::checksum(&small));
         assert_eq!(got.timeouts, 0, "no retransmission was needed");
         // 715 lock-step blocks take well under a second on loopback, even in a debug build on
         // a busy machine; a loop that waited on a stalled transfer's socket or timer (1 s)

@@ -994,7 +994,7 @@ async fn many_concurrent_transfers_arrive_byte_exact() {
             timeout: Duration::from_secs(1),
             retries: 10,
         };
-        let want = (data.len() as u64, client::fnv1a(client::FNV_START, data));
+        let want = (data.len() as u64, client::checksum(data));
         set.spawn(async move {
             let got = client::read(&spec, "127.0.0.1:0".parse().unwrap()).await;
             (i, spec, want, got)
