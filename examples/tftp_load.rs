@@ -45,6 +45,7 @@ struct Flight {
 }
 
 /// A send that finds the socket buffer full is a datagram lost: the reader's timer resends it.
+/// Any other error ends that read (a failure in the results), not the run.
 fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) -> io::Result<()> {
     match sock.send_to(bytes, to) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
@@ -99,7 +100,8 @@ fn run(
         size_receive_buffer(socket2::SockRef::from(&sock), spec);
         watch(&ep, &sock, i as u64)?;
         let reader = Reader::start(spec, now);
-        send(&sock, reader.outgoing(), reader.server())?;
+        // A failed first send is retried by the reader's timer, as a lost RRQ would be.
+        let _ = send(&sock, reader.outgoing(), reader.server());
         timers.push(Reverse((reader.deadline(), i)));
         flights.push(Some(Flight { sock, reader }));
     }
@@ -157,7 +159,11 @@ fn run(
                 Err(_) => Step::Wait,
             };
             match step {
-                Step::Send(to) => send(&f.sock, f.reader.outgoing(), to)?,
+                Step::Send(to) => {
+                    if let Err(err) = send(&f.sock, f.reader.outgoing(), to) {
+                        finished(&mut flights, i, Err(err));
+                    }
+                }
                 Step::Wait => {}
                 Step::Done(to) => {
                     let sent = send(&f.sock, f.reader.outgoing(), to);
@@ -181,10 +187,10 @@ fn run(
                 continue;
             }
             match f.reader.on_timeout(now) {
-                Step::Send(to) => {
-                    send(&f.sock, f.reader.outgoing(), to)?;
-                    timers.push(Reverse((f.reader.deadline(), i)));
-                }
+                Step::Send(to) => match send(&f.sock, f.reader.outgoing(), to) {
+                    Ok(()) => timers.push(Reverse((f.reader.deadline(), i))),
+                    Err(err) => finished(&mut flights, i, Err(err)),
+                },
                 Step::Failed(err) => finished(&mut flights, i, Err(err)),
                 Step::Wait | Step::Done(_) => timers.push(Reverse((f.reader.deadline(), i))),
             }
