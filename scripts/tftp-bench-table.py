@@ -94,9 +94,10 @@ for leg in sorted({k[0] for k in runs}, key=lambda l: l != "loopback"):
         pr = [r for r in runs.get((leg, "pxed", kind), [])]
         row.append(", ".join(f"{r['client_cpu_s']:.1f}/{r['wall_s']:.1f} s" for r in pr) or "-")
         print("| " + " | ".join(row) + " |")
-    print("\nServer CPU for the same runs (user + system seconds, median): what serving the clients cost"
-          " each server, a measure the load generator takes no part in; pxed / best peer, lower is"
-          " better.\n")
+    print("\nBusy seconds of the servers' CPU for the same runs (user, system, irq, softirq; median):"
+          " what serving the clients cost each server, its kernel work for the sockets included"
+          " (on loopback and veth that includes delivering its datagrams to the client); pxed /"
+          " best peer, lower is better.\n")
     print("| clients | pxed | tftpd-hpa | dnsmasq | atftpd | pxed / best peer |")
     print("|---|---|---|---|---|---|")
     for kind in sorted({k[2] for k in runs if k[0] == leg and k[2].startswith("concurrent")},
@@ -106,7 +107,7 @@ for leg in sorted({k[0] for k in runs}, key=lambda l: l != "loopback"):
                                       for s in ["pxed"] + PEERS]
         peers = [(cpu[p], p) for p in PEERS if cpu[p] is not None]
         best = min(peers) if peers else None
-        row.append(f"{cpu['pxed'] / best[0]:.2f}x ({best[1]})" if cpu["pxed"] and best else "-")
+        row.append(f"{cpu['pxed'] / best[0]:.2f}x ({best[1]})" if cpu["pxed"] and best and best[0] > 0 else "-")
         print("| " + " | ".join(row) + " |")
     print("\nServer peak RSS (VmHWM, KiB): " + ", ".join(
         f"{s} {rss[(leg, s)] if rss[(leg, s)] is not None else 'n/a (process gone)'}" for s in ["pxed"] + PEERS if (leg, s) in rss))

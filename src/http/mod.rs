@@ -40,6 +40,10 @@ pub use ipxe::{entry_script, render_script, try_render_script};
 pub use server::{HttpState, MacLookup, router, serve};
 pub use token::Secret;
 
+/// Largest `[http] send_timeout_secs`: a day. A client that takes nothing for longer is gone;
+/// the bound also keeps deadline arithmetic far from overflow.
+pub const MAX_SEND_TIMEOUT_SECS: u64 = 24 * 60 * 60;
+
 /// `[http]`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -93,8 +97,11 @@ impl HttpConfig {
                 token::API_TOKEN_FILE
             ));
         }
-        if self.send_timeout_secs == 0 {
-            return Err("send_timeout_secs must be at least 1".to_string());
+        if !(1..=MAX_SEND_TIMEOUT_SECS).contains(&self.send_timeout_secs) {
+            return Err(format!(
+                "send_timeout_secs must be between 1 and {MAX_SEND_TIMEOUT_SECS} (a day), not {}",
+                self.send_timeout_secs
+            ));
         }
         Ok(())
     }
@@ -119,6 +126,28 @@ impl Default for HttpConfig {
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: limits::DEFAULT_MAX_CONNECTIONS_PER_IP,
             send_timeout_secs: limits::DEFAULT_SEND_TIMEOUT.as_secs(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_timeout_is_bounded_and_named_when_wrong() {
+        assert!(HttpConfig::default().validate().is_ok());
+        for bad in [0, MAX_SEND_TIMEOUT_SECS + 1, u64::MAX] {
+            let config = HttpConfig {
+                send_timeout_secs: bad,
+                ..HttpConfig::default()
+            };
+            let err = config.validate().unwrap_err();
+            assert!(
+                err.starts_with("send_timeout_secs must be between 1 and 86400"),
+                "{err}"
+            );
+            assert!(err.ends_with(&format!("not {bad}")), "{err}");
         }
     }
 }

@@ -1474,7 +1474,9 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
     let config = HttpConfig {
         port,
         max_connections_per_ip: 1,
-        send_timeout_secs: 1,
+        // Long enough for curl to start and be refused on a busy machine while the stalled
+        // download holds the place.
+        send_timeout_secs: 3,
         ..HttpConfig::default()
     };
     let policy = Arc::new(RwLock::new(PolicyConfig::default().validate().unwrap()));
@@ -1502,6 +1504,15 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
                 .to_string(),
         ),
     ] {
+        // The previous pass's curl may still hold the place until the server sees it close.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while limits.open() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{path}: a connection is still open"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         // A small receive buffer, so the server's writes wait soon.
         sock.set_recv_buffer_size(64 << 10).unwrap();
@@ -1512,6 +1523,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
         tokio::io::AsyncWriteExt::write_all(&mut conn, requests.as_bytes())
             .await
             .unwrap();
+        let asked = Instant::now();
         // The one place this IP has is taken while the download waits for us.
         let deadline = Instant::now() + Duration::from_secs(5);
         while limits.open() != 1 {
@@ -1523,8 +1535,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
         }
         assert_eq!(curl(&[&url]).await.status, 503, "{path}");
         // We read nothing: after the send timeout pxed closes the connection.
-        let stalled = Instant::now();
-        let deadline = stalled + Duration::from_secs(20);
+        let deadline = asked + Duration::from_secs(30);
         while limits.open() != 0 {
             assert!(
                 Instant::now() < deadline,
@@ -1532,7 +1543,8 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(stalled.elapsed() >= Duration::from_millis(500), "{path}");
+        // Not before the timeout: the server's writes began waiting after the request.
+        assert!(asked.elapsed() >= Duration::from_secs(3), "{path}");
         let r = curl(&[&url]).await;
         assert_eq!((r.status, r.body.as_slice()), (200, &b"file"[..]), "{path}");
         // What did arrive ends short of the file: the response was cut, not finished.
