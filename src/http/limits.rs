@@ -119,25 +119,90 @@ impl Drop for ConnPermit {
     }
 }
 
+/// The send timeout of one connection: fails a write that has waited `timeout` for the client
+/// to take bytes.
+///
+/// Lazy, because a fast download waits for socket space thousands of times per second: a wait
+/// that starts only notes the time (no timer operation), and the one timer, once armed, is
+/// moved only when it fires early (at most once per timeout), never per write.
+pub struct StallTimer {
+    timeout: Duration,
+    client: IpAddr,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// When the current wait began; `None` while writes complete.
+    waiting_since: Option<Instant>,
+}
+
+impl StallTimer {
+    /// A timer for the connection of `client`.
+    pub fn new(timeout: Duration, client: IpAddr) -> StallTimer {
+        StallTimer {
+            timeout,
+            client,
+            timer: None,
+            waiting_since: None,
+        }
+    }
+
+    /// The timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Pass a write's result through; a write still waiting `timeout` after its wait began
+    /// becomes a `TimedOut` error, which ends the connection.
+    pub fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.waiting_since = None;
+            return poll;
+        }
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Armed for an earlier wait: move it to this one's deadline and look again.
+                Poll::Ready(()) if timer.deadline() < deadline => timer.as_mut().reset(deadline),
+                Poll::Ready(()) => return Poll::Ready(Err(stalled(self.client, self.timeout))),
+            }
+        }
+    }
+
+    /// Run one write `io` (which completes when the client took bytes), failing it after the
+    /// timeout.
+    pub async fn limit<T>(&mut self, io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+        let mut io = std::pin::pin!(io);
+        std::future::poll_fn(|cx| {
+            let poll = io.as_mut().poll(cx);
+            self.watch(cx, poll)
+        })
+        .await
+    }
+}
+
 /// A connection that holds its permit, and fails a write that waits longer than the send
-/// timeout for the client to take bytes.
+/// timeout for the client to take bytes ([`StallTimer`]).
 pub struct Limited<S> {
     inner: S,
     permit: ConnPermit,
-    /// Armed while a write waits; reset (not reallocated) for each wait, because a fast
-    /// download waits for socket space thousands of times per second.
-    stall: Option<Pin<Box<Sleep>>>,
-    waiting: bool,
+    stall: StallTimer,
 }
 
 impl<S> Limited<S> {
     /// Wrap `inner`, keeping `permit` until the connection is dropped.
     pub fn new(inner: S, permit: ConnPermit) -> Limited<S> {
+        let stall = StallTimer::new(permit.limits.send_timeout, permit.ip);
         Limited {
             inner,
             permit,
-            stall: None,
-            waiting: false,
+            stall,
         }
     }
 
@@ -146,9 +211,15 @@ impl<S> Limited<S> {
         &self.inner
     }
 
+    /// The wrapped stream and the connection's send timeout, for writes made on the stream
+    /// directly (the `sendfile` path).
+    pub fn parts(&mut self) -> (&S, &mut StallTimer) {
+        (&self.inner, &mut self.stall)
+    }
+
     /// How long a write may wait for the client to take bytes.
     pub fn send_timeout(&self) -> Duration {
-        self.permit.limits.send_timeout
+        self.stall.timeout()
     }
 
     /// The client's IP (the one its permit counts against).
@@ -156,31 +227,14 @@ impl<S> Limited<S> {
         self.permit.ip
     }
 
-    /// Pass a write's result through; a write still waiting after the send timeout becomes a
-    /// `TimedOut` error, which ends the connection.
     fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if poll.is_ready() {
-            self.waiting = false;
-            return poll;
-        }
-        let timeout = self.send_timeout();
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if !self.waiting {
-            self.waiting = true;
-            stall.as_mut().reset(Instant::now() + timeout);
-        }
-        match stall.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(stalled(self.permit.ip, timeout))),
-            Poll::Pending => Poll::Pending,
-        }
+        self.stall.watch(cx, poll)
     }
 }
 
 /// The error of a write the client left waiting for `timeout` (logged here: hyper drops it
 /// silently).
-pub(crate) fn stalled(client: IpAddr, timeout: Duration) -> io::Error {
+fn stalled(client: IpAddr, timeout: Duration) -> io::Error {
     tracing::info!(
         %client,
         "HTTP client took no data for {} s (send_timeout_secs); connection closed",
@@ -340,6 +394,29 @@ mod tests {
         assert!(err.to_string().contains("took no data for 60 s"), "{err}");
         // Virtual time: exactly one timeout after the last byte was taken.
         assert_eq!(started.elapsed(), SEND_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_wait_gets_the_whole_timeout_after_an_idle_spell() {
+        let (mut server, mut client) = pipe(1024);
+        let mut chunk = vec![0u8; 4096];
+        // A first wait, ended by the client after 10 s: the timer is armed for 60 s.
+        let write = server.write_all(&[1u8; 2048]);
+        let read = async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            client.read_exact(&mut chunk[..2048]).await
+        };
+        let (w, r) = tokio::join!(write, read);
+        w.unwrap();
+        r.unwrap();
+        // Idle for far longer than the timeout (the old timer fires meanwhile, harmlessly).
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        // A new wait that the client never ends fails one whole timeout after it began, not
+        // at once.
+        let began = Instant::now();
+        let err = server.write_all(&[2u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(began.elapsed(), SEND_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::assets::{self, PathError};
-use super::limits::{self, ClientAddr, Limited, LimitedListener};
+use super::limits::{ClientAddr, Limited, LimitedListener};
 use super::server::{self, HttpState, RequestLabels};
 
 /// Longest request head read here; a longer one goes to hyper, with its own limit (~400 KiB).
@@ -507,19 +507,15 @@ fn will_need(file: &std::fs::File, start: u64, count: u64) {
 /// Run one write `call` when the socket can take bytes; an error when the client took none for
 /// the connection's send timeout (`[http] send_timeout_secs`, as in the router's path).
 async fn write_progress<T>(
-    stream: &Limited<TcpStream>,
+    stream: &mut Limited<TcpStream>,
     call: impl FnMut() -> io::Result<T>,
 ) -> io::Result<T> {
-    let sock = stream.get_ref();
-    let timeout = stream.send_timeout();
-    match tokio::time::timeout(timeout, sock.async_io(Interest::WRITABLE, call)).await {
-        Ok(done) => done,
-        Err(_) => Err(limits::stalled(stream.client_ip(), timeout)),
-    }
+    let (sock, stall) = stream.parts();
+    stall.limit(sock.async_io(Interest::WRITABLE, call)).await
 }
 
 /// Write all of `bytes`; with `more`, tell the kernel more data follows at once (MSG_MORE).
-async fn send_all(stream: &Limited<TcpStream>, bytes: &[u8], more: bool) -> io::Result<()> {
+async fn send_all(stream: &mut Limited<TcpStream>, bytes: &[u8], more: bool) -> io::Result<()> {
     let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
     let fd = stream.get_ref().as_raw_fd();
     let mut at = 0;
@@ -538,7 +534,7 @@ async fn send_all(stream: &Limited<TcpStream>, bytes: &[u8], more: bool) -> io::
 /// Send `count` bytes of `file` from `start` with `sendfile`, calling `on_sent` with each
 /// call's byte count. A file that ends early is an `UnexpectedEof` error.
 async fn send_file(
-    stream: &Limited<TcpStream>,
+    stream: &mut Limited<TcpStream>,
     file: &std::fs::File,
     start: u64,
     count: u64,
