@@ -67,11 +67,6 @@ impl ConnLimits {
         }
     }
 
-    /// How long a write may wait for the client to take bytes.
-    pub fn send_timeout(&self) -> Duration {
-        self.send_timeout
-    }
-
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
         match self.counts.lock() {
             Ok(g) => g,
@@ -144,11 +139,6 @@ impl StallTimer {
         }
     }
 
-    /// The timeout.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// Pass a write's result through; a write still waiting `timeout` after its wait began
     /// becomes a `TimedOut` error, which ends the connection.
     pub fn watch<T>(
@@ -191,7 +181,7 @@ impl StallTimer {
 /// timeout for the client to take bytes ([`StallTimer`]).
 pub struct Limited<S> {
     inner: S,
-    permit: ConnPermit,
+    _permit: ConnPermit,
     stall: StallTimer,
 }
 
@@ -201,7 +191,7 @@ impl<S> Limited<S> {
         let stall = StallTimer::new(permit.limits.send_timeout, permit.ip);
         Limited {
             inner,
-            permit,
+            _permit: permit,
             stall,
         }
     }
@@ -215,16 +205,6 @@ impl<S> Limited<S> {
     /// directly (the `sendfile` path).
     pub fn parts(&mut self) -> (&S, &mut StallTimer) {
         (&self.inner, &mut self.stall)
-    }
-
-    /// How long a write may wait for the client to take bytes.
-    pub fn send_timeout(&self) -> Duration {
-        self.stall.timeout()
-    }
-
-    /// The client's IP (the one its permit counts against).
-    pub fn client_ip(&self) -> IpAddr {
-        self.permit.ip
     }
 
     fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
