@@ -19,10 +19,8 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use pxed::tftp::client::{ReadResult, ReadSpec, Reader, Step, size_receive_buffer};
+use pxed::tftp::client::{RECV_BYTES, ReadResult, ReadSpec, Reader, Step, size_receive_buffer};
 
-/// Receive buffer: the largest DATA packet (RFC 2348 blksize 65464 + 4-byte header).
-const RECV_BYTES: usize = 65468 + 4;
 /// Readiness events taken per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
 

@@ -15,7 +15,7 @@ use tokio::net::UdpSocket;
 use super::wire::{self, Packet};
 
 /// Receive buffer: the largest DATA packet (RFC 2348 blksize 65464 + 4-byte header).
-const RECV_BYTES: usize = 65468 + 4;
+pub const RECV_BYTES: usize = 65468 + 4;
 /// Kernel bytes charged per queued datagram beyond its payload (sk_buff and allocation
 /// rounding), used to size the socket buffer for a whole window.
 const SKB_OVERHEAD: usize = 1024;

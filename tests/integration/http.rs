@@ -1386,32 +1386,45 @@ async fn templates_tokens_and_one_shot_install() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_caps_per_ip_and_global() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("f"), b"file").unwrap();
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .await
-        .unwrap();
+/// Serve `root` with the default policy and `config` (its port filled in) on `bind`, for the
+/// connection-limit tests: the port, the server's connection counters, and the sender whose
+/// drop stops it.
+async fn serve_limited(
+    root: &Path,
+    bind: Ipv4Addr,
+    config: HttpConfig,
+) -> (
+    u16,
+    pxed::http::limits::ConnLimits,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let listener = tokio::net::TcpListener::bind((bind, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let config = HttpConfig {
-        port,
-        max_connections: 3,
-        max_connections_per_ip: 2,
-        ..HttpConfig::default()
-    };
+    let config = HttpConfig { port, ..config };
     let policy = Arc::new(RwLock::new(PolicyConfig::default().validate().unwrap()));
     let server = ServerAddrs {
         ip: Ipv4Addr::LOCALHOST,
         http_port: port,
     };
-    let state = HttpState::new(dir.path().into(), policy, server, EventBus::new(), config);
+    let state = HttpState::new(root.into(), policy, server, EventBus::new(), config);
     let limits = state.limits.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(pxed::http::serve(listener, state, async {
         let _ = rx.await;
     }));
-    let _stop = tx;
+    (port, limits, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_per_ip_and_global() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"file").unwrap();
+    let config = HttpConfig {
+        max_connections: 3,
+        max_connections_per_ip: 2,
+        ..HttpConfig::default()
+    };
+    let (port, limits, _stop) = serve_limited(dir.path(), Ipv4Addr::UNSPECIFIED, config).await;
     let url = |ip: &str| format!("http://{ip}:{port}/f");
     let hold = |src: Ipv4Addr| async move {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1467,30 +1480,14 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
         .set_len(SIZE)
         .unwrap();
     std::fs::write(dir.path().join("f"), b"file").unwrap();
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
     let config = HttpConfig {
-        port,
         max_connections_per_ip: 1,
         // Long enough for curl to start and be refused on a busy machine while the stalled
         // download holds the place.
         send_timeout_secs: 3,
         ..HttpConfig::default()
     };
-    let policy = Arc::new(RwLock::new(PolicyConfig::default().validate().unwrap()));
-    let server = ServerAddrs {
-        ip: Ipv4Addr::LOCALHOST,
-        http_port: port,
-    };
-    let state = HttpState::new(dir.path().into(), policy, server, EventBus::new(), config);
-    let limits = state.limits.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(pxed::http::serve(listener, state, async {
-        let _ = rx.await;
-    }));
-    let _stop = tx;
+    let (port, limits, _stop) = serve_limited(dir.path(), Ipv4Addr::LOCALHOST, config).await;
     let url = format!("http://127.0.0.1:{port}/f");
 
     for (path, requests) in [
